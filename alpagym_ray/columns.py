@@ -1,0 +1,121 @@
+"""Every Arrow column of an episode, named once (RLlib's ``columns.py`` pattern).
+
+A rollout worker returns, per GRPO group, one compact RecordBatch of **decision rows**
+(:func:`step_schema`) and one of **episode rows** (:func:`episode_schema`). Observation columns are
+fixed-size lists of float32 (``obs.<key>``, flattened ``[*shape]``) with a fixed-size list of bool
+masks (``obs.<key>_mask``), so a column turns into a ``[rows, *shape]`` tensor without copying.
+Every decision row carries the ``policy_version`` that acted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from alpagym_ray.observations import SPECS, mask_key
+
+# decision rows
+EPISODE_ID = "episode_id"
+GROUP_ID = "group_id"
+SCENE_ID = "scene_id"
+STEP = "step"
+POLICY_VERSION = "policy_version"
+ACTION = "action"
+LOGP_BEHAVIOR = "logp_behavior"
+REWARD = "reward"
+DONE = "done"
+# episode rows
+START_STEP = "start_step"
+SEED = "seed"
+RETURN = "return"
+NUM_DECISIONS = "num_decisions"
+VERSION_FIRST = "policy_version_first"
+VERSION_LAST = "policy_version_last"
+WORKER_ID = "worker_id"
+WALL_S = "wall_s"
+STATUS = "status"
+TERM_PREFIX = "term."
+METRIC_PREFIX = "metric."
+OBS_PREFIX = "obs."
+TRAJ_X, TRAJ_Y, TRAJ_YAW = "traj_x", "traj_y", "traj_yaw"
+
+
+def obs_column(key: str) -> str:
+    return OBS_PREFIX + key
+
+
+def step_schema(obs_keys: Sequence[str], horizon: int) -> pa.Schema:
+    """Schema of decision rows for a policy reading ``obs_keys`` with actions ``[horizon, 3]``."""
+    fields = [
+        pa.field(EPISODE_ID, pa.string()), pa.field(GROUP_ID, pa.string()), pa.field(SCENE_ID, pa.string()),
+        pa.field(STEP, pa.int32()), pa.field(POLICY_VERSION, pa.int64()),
+    ]
+    for key in obs_keys:
+        spec = SPECS[key]
+        fields.append(pa.field(obs_column(key), pa.list_(pa.float32(), math.prod(spec.shape))))
+        fields.append(pa.field(obs_column(mask_key(key)), pa.list_(pa.bool_(), spec.shape[0])))
+    fields += [
+        pa.field(ACTION, pa.list_(pa.float32(), horizon * 3)),
+        pa.field(LOGP_BEHAVIOR, pa.float32()), pa.field(REWARD, pa.float32()), pa.field(DONE, pa.bool_()),
+    ]
+    return pa.schema(fields, metadata={b"horizon": str(horizon).encode()})
+
+
+def episode_schema(term_names: Sequence[str], metric_names: Sequence[str]) -> pa.Schema:
+    fields = [
+        pa.field(EPISODE_ID, pa.string()), pa.field(GROUP_ID, pa.string()), pa.field(SCENE_ID, pa.string()),
+        pa.field(START_STEP, pa.int32()), pa.field(SEED, pa.int64()), pa.field(RETURN, pa.float64()),
+        pa.field(NUM_DECISIONS, pa.int32()), pa.field(VERSION_FIRST, pa.int64()), pa.field(VERSION_LAST, pa.int64()),
+        pa.field(WORKER_ID, pa.string()), pa.field(WALL_S, pa.float64()), pa.field(STATUS, pa.string()),
+    ]
+    fields += [pa.field(TERM_PREFIX + n, pa.float64()) for n in term_names]
+    fields += [pa.field(METRIC_PREFIX + n, pa.float64()) for n in metric_names]
+    fields += [pa.field(c, pa.list_(pa.float32())) for c in (TRAJ_X, TRAJ_Y, TRAJ_YAW)]
+    return pa.schema(fields)
+
+
+def fixed_list(values: np.ndarray, dtype: pa.DataType) -> pa.FixedSizeListArray:
+    """``[rows, *shape]`` numpy array -> FixedSizeListArray of ``prod(shape)`` per row (one copy)."""
+    rows = values.shape[0]
+    width = int(np.prod(values.shape[1:])) if values.ndim > 1 else 1
+    flat = pa.array(np.ascontiguousarray(values).reshape(rows * width), type=dtype)
+    return pa.FixedSizeListArray.from_arrays(flat, width)
+
+
+def column_tensor(batch: pa.RecordBatch | pa.Table, name: str, shape: Sequence[int]) -> torch.Tensor:
+    """A fixed-size-list column as a ``[rows, *shape]`` tensor (zero-copy for float32 without nulls)."""
+    col = batch.column(name)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    flat = col.flatten()
+    if pa.types.is_boolean(flat.type):
+        arr = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=bool)
+    else:
+        arr = flat.to_numpy(zero_copy_only=True)
+    return torch.from_numpy(arr.reshape(len(col), *shape))
+
+
+def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The observation dict of decision rows, as the policy takes it."""
+    obs = {}
+    for key in obs_keys:
+        spec = SPECS[key]
+        obs[key] = column_tensor(batch, obs_column(key), spec.shape)
+        obs[mask_key(key)] = column_tensor(batch, obs_column(mask_key(key)), spec.shape[:1])
+    return obs
+
+
+def build_step_batch(schema: pa.Schema, columns: Mapping[str, object]) -> pa.RecordBatch:
+    """A RecordBatch of decision rows from numpy columns (fixed-size lists built in one copy)."""
+    arrays = []
+    for field in schema:
+        v = columns[field.name]
+        if pa.types.is_fixed_size_list(field.type):
+            arrays.append(fixed_list(np.asarray(v), field.type.value_type))
+        else:
+            arrays.append(pa.array(v, type=field.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)

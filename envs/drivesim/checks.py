@@ -1,0 +1,182 @@
+"""Per-tick checks and metrics (AlpaSim's names plus drivesim's own), batched over B envs.
+
+Collision: oriented-box overlap (boxes shrunk 2 % as AlpaSim does) after a distance broadphase,
+classified front / rear / lateral by the ego's bumper lines; contacts already present in the log
+when the policy takes control are ignored until they separate. Off-road: a box corner more than
+``tolerance`` outside the drivable area (signed-distance raster), or the box crossing a road edge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from envs.drivesim import geometry, raster
+from envs.drivesim.metric_names import (
+    DRIVESIM_METRICS,
+    MAX_ACCEL_LAT,
+    MAX_ACCEL_LON,
+    MAX_JERK,
+    MAX_JERK_LON,
+    MAX_YAW_ACCEL,
+    MAX_YAW_RATE,
+    MIN_ACCEL_LON,
+    TTC_HORIZON_S,
+)
+from envs.drivesim.tensors import PATH_STEP_M, SceneTensors
+
+METRIC_INDEX = {name: i for i, name in enumerate(DRIVESIM_METRICS)}
+NUM_METRICS = len(METRIC_INDEX)
+WINDOW_BACK, WINDOW = 8, 64
+"""The projection onto the logged path searches PATH_STEP_M-spaced points from 4 m behind to 28 m
+ahead of the previous projection (an ego moves at most ~4 m per tick), so loops never alias."""
+BROADPHASE_M = 12.0
+
+
+def ego_box(st: SceneTensors, scene: torch.Tensor, pose: torch.Tensor):
+    """Ego box (centre [B, 2], yaw [B], length [B], width [B]) from the rear-axle pose."""
+    rac = st.ego_rac[scene]
+    c, s = torch.cos(pose[:, 2]), torch.sin(pose[:, 2])
+    centre = torch.stack([pose[:, 0] + rac * c, pose[:, 1] + rac * s], -1)
+    size = st.agent_size[scene, 0]
+    return centre, pose[:, 2], size[:, 0], size[:, 1]
+
+
+def contacts(st: SceneTensors, scene: torch.Tensor, pose: torch.Tensor, agent_state: torch.Tensor,
+             agent_valid: torch.Tensor):
+    """Overlap [B, N-1] of the ego box with every other agent's box (broadphase first)."""
+    centre, yaw, length, width = ego_box(st, scene, pose)
+    other = agent_state[:, 1:]
+    osize = st.agent_size[scene, 1:]
+    near = agent_valid[:, 1:] & (
+        torch.linalg.vector_norm(other[..., :2] - centre[:, None], dim=-1) < BROADPHASE_M
+    )
+    overlap = geometry.boxes_overlap(
+        centre[:, None], yaw[:, None], length[:, None], width[:, None],
+        other[..., :2], other[..., 2], osize[..., 0], osize[..., 1], shrink=0.02,
+    )
+    return overlap & near
+
+
+def project_on_path(st: SceneTensors, scene: torch.Tensor, centre: torch.Tensor, s_prev: torch.Tensor):
+    """Arc length of the ego centre's projection on the logged path, searched near ``s_prev``, and
+    the distance to the path: ``(s [B], dist [B])``."""
+    base = (s_prev / PATH_STEP_M).long() - WINDOW_BACK
+    last = st.path_len[scene] - 1
+    idx = (base[:, None] + torch.arange(WINDOW + 1, device=centre.device)).clamp(min=0)
+    idx = torch.minimum(idx, last[:, None])
+    pts = torch.gather(st.path_xy[scene], 1, idx[..., None].expand(-1, -1, 2))    # [B, W+1, 2]
+    d, u = geometry.point_segment_distance(centre[:, None], pts[:, :-1], pts[:, 1:])
+    best = d.argmin(dim=1, keepdim=True)
+    s = (torch.gather(idx[:, :-1], 1, best).float() + torch.gather(u, 1, best)) * PATH_STEP_M
+    return s[:, 0], torch.gather(d, 1, best)[:, 0]
+
+
+def tick_metrics(
+    st: SceneTensors,
+    scene: torch.Tensor,       # [B] long
+    t: torch.Tensor,           # [B] long, log step of this tick
+    t_start: torch.Tensor,     # [B] long, episode start (warm-up start)
+    t_end: torch.Tensor,       # [B] long, last step of the episode
+    pose: torch.Tensor,        # [B, 3] rear axle
+    speed: torch.Tensor,       # [B]
+    kin: dict[str, torch.Tensor],  # accel_lon, accel_lat, jerk_lon, jerk, yaw_rate, yaw_accel [B]
+    agent_state: torch.Tensor,  # [B, N, 5]
+    agent_valid: torch.Tensor,  # [B, N]
+    ignore: torch.Tensor,      # [B, N-1] contacts present at the start, still ongoing
+    s_prev: torch.Tensor,      # [B] previous projection on the logged path
+    dist_traveled: torch.Tensor,  # [B] after this tick
+    tolerance: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Metrics of one tick: ``(values [B, NUM_METRICS] (NaN = not defined), ignore, s_proj)``."""
+    B = pose.shape[0]
+    m = torch.full((B, NUM_METRICS), float("nan"), device=pose.device)
+
+    def put(name: str, value: torch.Tensor) -> None:
+        m[:, METRIC_INDEX[name]] = value.float()
+
+    centre, yaw, length, width = ego_box(st, scene, pose)
+    other, osize = agent_state[:, 1:], st.agent_size[scene, 1:]
+    valid = agent_valid[:, 1:]
+
+    # collisions
+    overlap = contacts(st, scene, pose, agent_state, agent_valid)
+    ignore = ignore & overlap
+    hit = overlap & ~ignore
+    front, rear, lateral = geometry.classify_collision(
+        centre[:, None], yaw[:, None], length[:, None], width[:, None],
+        other[..., :2], other[..., 2], osize[..., 0], osize[..., 1],
+    )
+    put("collision_front", (hit & front).any(1))
+    put("collision_rear", (hit & rear & ~front).any(1))
+    put("collision_lateral", (hit & lateral & ~front & ~rear).any(1))
+    put("collision_any", hit.any(1))
+    put("collision_at_fault_tick", (hit & (front | (lateral & ~rear))).any(1))
+    dist = geometry.box_distance(
+        centre[:, None], yaw[:, None], length[:, None], width[:, None],
+        other[..., :2], other[..., 2], osize[..., 0], osize[..., 1],
+    )
+    dist = torch.where(valid, dist, torch.full_like(dist, float("inf")))
+    dmin = dist.min(1).values if dist.shape[1] else torch.full((B,), float("inf"), device=pose.device)
+    put("min_distance_to_obstacle_m", torch.where(torch.isfinite(dmin), dmin, torch.full_like(dmin, float("nan"))))
+    c, s = torch.cos(yaw), torch.sin(yaw)
+    ego_vel = torch.stack([speed * c, speed * s], -1)
+    ttc = geometry.time_to_collision(
+        centre[:, None], yaw[:, None], length[:, None], width[:, None], ego_vel[:, None],
+        other[..., :2], other[..., 2], osize[..., 0], osize[..., 1], other[..., 3:5],
+        horizon=TTC_HORIZON_S,
+    )
+    ttc = torch.where(valid & ~ignore, ttc, torch.full_like(ttc, TTC_HORIZON_S))
+    put("ttc_s", ttc.min(1).values if ttc.shape[1] else torch.full((B,), TTC_HORIZON_S, device=pose.device))
+
+    # road: drivable area, road edges, lanes
+    corners = geometry.box_corners(centre, yaw, length, width)                       # [B, 4, 2]
+    sdf = raster.sample_sdf(st.sdf, st.sdf_origin, st.sdf_resolution, scene, corners)  # [B, 4]
+    edge_idx = raster.lookup_cells(st.edge_cells, st.grid_origin, st.grid_cell, scene, centre)
+    crosses = raster.box_crosses_segments(corners, edge_idx, st.edges[scene])
+    put("offroad", (sdf.max(1).values > tolerance) | crosses)
+    put("min_distance_to_lane_boundary_m", (-sdf.max(1).values).clamp(min=0.0))
+    lane_idx = raster.lookup_cells(st.lane_cells, st.grid_origin, st.grid_cell, scene, centre)
+    lane_seg = st.lanes[scene[:, None], lane_idx.clamp(min=0)]                         # [B, C, 5]
+    d_lane, _ = geometry.point_segment_distance(centre[:, None], lane_seg[..., 0:2], lane_seg[..., 2:4])
+    d_lane = torch.where(lane_idx >= 0, d_lane, torch.full_like(d_lane, float("inf")))
+    dl = d_lane.min(1).values
+    put("lane_center_distance_m", torch.where(torch.isfinite(dl), dl, torch.full_like(dl, float("nan"))))
+    heading = torch.atan2(lane_seg[..., 3] - lane_seg[..., 1], lane_seg[..., 2] - lane_seg[..., 0])
+    containing = d_lane < lane_seg[..., 4].clamp(min=0.5)
+    opposite = geometry.wrap_angle(heading - yaw[:, None]).abs() > (2.0 * torch.pi / 3.0)
+    # wrong way: inside at least one lane and every lane containing the centre points > 120° away
+    put("wrong_lane", containing.any(1) & (opposite | ~containing).all(1))
+
+    # progress along the logged ego path
+    s_proj, d_path = project_on_path(st, scene, centre, s_prev)
+    s0 = torch.gather(st.log_s[scene], 1, t_start[:, None])[:, 0]
+    s_end = torch.gather(st.log_s[scene], 1, t_end[:, None])[:, 0]
+    s_now = torch.gather(st.log_s[scene], 1, t.clamp(max=st.log_s.shape[1] - 1)[:, None])[:, 0]
+    gt_len = s_end - s0
+    put("progress", (s_proj - s0) / gt_len.clamp(min=1e-3))
+    logged_so_far = s_now - s0
+    rel = torch.where(logged_so_far > 0.5, (s_proj - s0).clamp(max=logged_so_far) / logged_so_far.clamp(min=1e-3),
+                      torch.ones_like(s_proj))
+    put("progress_rel", rel)
+    put("dist_to_gt_trajectory", d_path)
+    tt = t.clamp(max=st.agent_state.shape[2] - 1)
+    log_centre = st.agent_state[scene, 0, tt, :2]
+    put("dist_to_gt_location", torch.linalg.vector_norm(centre - log_centre, dim=-1))
+    put("dist_traveled_m", dist_traveled)
+    put("gt_dist_traveled_m", gt_len)
+    put("eval_relevant", torch.ones(B, device=pose.device))
+
+    # comfort
+    put("speed_mps", speed)
+    for name, key in (("accel_lon_mps2", "accel_lon"), ("accel_lat_mps2", "accel_lat"),
+                      ("jerk_lon_mps3", "jerk_lon"), ("jerk_mps3", "jerk"), ("yaw_rate_rps", "yaw_rate"),
+                      ("yaw_accel_rps2", "yaw_accel")):
+        put(name, kin[key])
+    bad = (
+        (kin["accel_lon"] < MIN_ACCEL_LON) | (kin["accel_lon"] > MAX_ACCEL_LON)
+        | (kin["accel_lat"].abs() > MAX_ACCEL_LAT) | (kin["jerk_lon"].abs() > MAX_JERK_LON)
+        | (kin["jerk"].abs() > MAX_JERK) | (kin["yaw_rate"].abs() > MAX_YAW_RATE)
+        | (kin["yaw_accel"].abs() > MAX_YAW_ACCEL)
+    )
+    put("comfort_violation", bad)
+    return m, ignore, s_proj
