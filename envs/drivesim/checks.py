@@ -22,7 +22,7 @@ from envs.drivesim.metric_names import (
     MIN_ACCEL_LON,
     TTC_HORIZON_S,
 )
-from envs.drivesim.tensors import PATH_STEP_M, SceneTensors
+from envs.drivesim.tensors import LANE_CELL_M, LANE_MARGIN_M, PATH_STEP_M, SceneTensors
 
 METRIC_INDEX = {name: i for i, name in enumerate(DRIVESIM_METRICS)}
 NUM_METRICS = len(METRIC_INDEX)
@@ -30,6 +30,9 @@ WINDOW_BACK, WINDOW = 8, 64
 """The projection onto the logged path searches PATH_STEP_M-spaced points from 4 m behind to 28 m
 ahead of the previous projection (an ego moves at most ~4 m per tick), so loops never alias."""
 BROADPHASE_M = 12.0
+NEAR_K = 8
+DIST_K = 3
+"""Agents given exact box tests per tick (the nearest by centre distance)."""
 
 
 def ego_box(st: SceneTensors, scene: torch.Tensor, pose: torch.Tensor):
@@ -95,52 +98,72 @@ def tick_metrics(
         m[:, METRIC_INDEX[name]] = value.float()
 
     centre, yaw, length, width = ego_box(st, scene, pose)
-    other, osize = agent_state[:, 1:], st.agent_size[scene, 1:]
-    valid = agent_valid[:, 1:]
+    valid_all = agent_valid[:, 1:]
+    n_other = valid_all.shape[1]
 
-    # collisions
-    overlap = contacts(st, scene, pose, agent_state, agent_valid)
+    # broadphase: exact box tests only for the K agents nearest the ego (no more than K boxes can
+    # be within a car length of the ego); the rest can neither touch nor be the closest obstacle
+    dist_c = torch.linalg.vector_norm(agent_state[:, 1:, :2] - centre[:, None], dim=-1)
+    dist_c = torch.where(valid_all, dist_c, torch.full_like(dist_c, float("inf")))
+    k = min(NEAR_K, n_other)
+    _, near = torch.topk(dist_c, k, dim=1, largest=False)                         # [B, K]
+    other = torch.gather(agent_state[:, 1:], 1, near[..., None].expand(-1, -1, 5))
+    osize = torch.gather(st.agent_size[scene, 1:], 1, near[..., None].expand(-1, -1, 2))
+    valid = torch.gather(valid_all, 1, near)
+    ego_args = (centre[:, None], yaw[:, None], length[:, None], width[:, None])
+    other_args = (other[..., :2], other[..., 2], osize[..., 0], osize[..., 1])
+
+    # collisions (contacts present when the policy took control are ignored until they separate)
+    overlap_k = geometry.boxes_overlap(*ego_args, *other_args, shrink=0.02) & valid
+    overlap = torch.zeros_like(valid_all).scatter(1, near, overlap_k)
     ignore = ignore & overlap
-    hit = overlap & ~ignore
-    front, rear, lateral = geometry.classify_collision(
-        centre[:, None], yaw[:, None], length[:, None], width[:, None],
-        other[..., :2], other[..., 2], osize[..., 0], osize[..., 1],
-    )
-    put("collision_front", (hit & front).any(1))
-    put("collision_rear", (hit & rear & ~front).any(1))
-    put("collision_lateral", (hit & lateral & ~front & ~rear).any(1))
-    put("collision_any", hit.any(1))
-    put("collision_at_fault_tick", (hit & (front | (lateral & ~rear))).any(1))
-    dist = geometry.box_distance(
-        centre[:, None], yaw[:, None], length[:, None], width[:, None],
-        other[..., :2], other[..., 2], osize[..., 0], osize[..., 1],
-    )
-    dist = torch.where(valid, dist, torch.full_like(dist, float("inf")))
-    dmin = dist.min(1).values if dist.shape[1] else torch.full((B,), float("inf"), device=pose.device)
+    hit_k = overlap_k & ~torch.gather(ignore, 1, near)
+    front = rear = lateral = torch.zeros_like(hit_k)
+    if bool(hit_k.any()):  # rare: classify only then (bumper-line tests are the costly part)
+        front, rear, lateral = geometry.classify_collision(*ego_args, *other_args)
+    put("collision_front", (hit_k & front).any(1))
+    put("collision_rear", (hit_k & rear).any(1))
+    put("collision_lateral", (hit_k & lateral).any(1))
+    put("collision_any", hit_k.any(1))
+    put("collision_at_fault_tick", (hit_k & (front | lateral)).any(1))
+    # the closest obstacle is among the few nearest centres (exact distance on DIST_K of them)
+    kd = min(DIST_K, k)
+    dist = geometry.box_distance(*(a[:, :1] for a in ego_args), *(a[:, :kd] for a in other_args))
+    dist = torch.where(valid[:, :kd], dist, torch.full_like(dist, float("inf")))
+    dmin = dist.min(1).values if kd else torch.full((B,), float("inf"), device=pose.device)
     put("min_distance_to_obstacle_m", torch.where(torch.isfinite(dmin), dmin, torch.full_like(dmin, float("nan"))))
+
+    # time to collision: exact for translating boxes, on the K agents with the smallest lower bound
+    # (centre distance minus both circumradii, over the closing speed)
     c, s = torch.cos(yaw), torch.sin(yaw)
     ego_vel = torch.stack([speed * c, speed * s], -1)
+    rel_speed = torch.linalg.vector_norm(agent_state[:, 1:, 3:5] - ego_vel[:, None], dim=-1)
+    radii = 0.5 * (torch.hypot(length, width)[:, None] + torch.linalg.vector_norm(st.agent_size[scene, 1:], dim=-1))
+    t_lb = (dist_c - radii).clamp(min=0.0) / rel_speed.clamp(min=1e-3)
+    _, soon = torch.topk(t_lb, k, dim=1, largest=False)
+    o2 = torch.gather(agent_state[:, 1:], 1, soon[..., None].expand(-1, -1, 5))
+    s2 = torch.gather(st.agent_size[scene, 1:], 1, soon[..., None].expand(-1, -1, 2))
     ttc = geometry.time_to_collision(
-        centre[:, None], yaw[:, None], length[:, None], width[:, None], ego_vel[:, None],
-        other[..., :2], other[..., 2], osize[..., 0], osize[..., 1], other[..., 3:5],
+        *ego_args, ego_vel[:, None], o2[..., :2], o2[..., 2], s2[..., 0], s2[..., 1], o2[..., 3:5],
         horizon=TTC_HORIZON_S,
     )
-    ttc = torch.where(valid & ~ignore, ttc, torch.full_like(ttc, TTC_HORIZON_S))
-    put("ttc_s", ttc.min(1).values if ttc.shape[1] else torch.full((B,), TTC_HORIZON_S, device=pose.device))
+    ok = torch.gather(valid_all & ~ignore, 1, soon)
+    ttc = torch.where(ok, ttc, torch.full_like(ttc, TTC_HORIZON_S))
+    put("ttc_s", ttc.min(1).values if k else torch.full((B,), TTC_HORIZON_S, device=pose.device))
 
     # road: drivable area, road edges, lanes
     corners = geometry.box_corners(centre, yaw, length, width)                       # [B, 4, 2]
     sdf = raster.sample_sdf(st.sdf, st.sdf_origin, st.sdf_resolution, scene, corners)  # [B, 4]
-    edge_idx = raster.lookup_cells(st.edge_cells, st.grid_origin, st.grid_cell, scene, centre)
+    edge_idx = raster.lookup_cells(st.edge_cells, st.grid_origin, LANE_CELL_M, scene, centre)
     crosses = raster.box_crosses_segments(corners, edge_idx, st.edges[scene])
     put("offroad", (sdf.max(1).values > tolerance) | crosses)
     put("min_distance_to_lane_boundary_m", (-sdf.max(1).values).clamp(min=0.0))
-    lane_idx = raster.lookup_cells(st.lane_cells, st.grid_origin, st.grid_cell, scene, centre)
+    lane_idx = raster.lookup_cells(st.lane_cells, st.grid_origin, LANE_CELL_M, scene, centre)
     lane_seg = st.lanes[scene[:, None], lane_idx.clamp(min=0)]                         # [B, C, 5]
     d_lane, _ = geometry.point_segment_distance(centre[:, None], lane_seg[..., 0:2], lane_seg[..., 2:4])
     d_lane = torch.where(lane_idx >= 0, d_lane, torch.full_like(d_lane, float("inf")))
-    dl = d_lane.min(1).values
-    put("lane_center_distance_m", torch.where(torch.isfinite(dl), dl, torch.full_like(dl, float("nan"))))
+    # lanes are indexed within LANE_MARGIN_M of each cell: farther is reported as that cap
+    put("lane_center_distance_m", d_lane.min(1).values.clamp(max=LANE_MARGIN_M))
     heading = torch.atan2(lane_seg[..., 3] - lane_seg[..., 1], lane_seg[..., 2] - lane_seg[..., 0])
     containing = d_lane < lane_seg[..., 4].clamp(min=0.5)
     opposite = geometry.wrap_angle(heading - yaw[:, None]).abs() > (2.0 * torch.pi / 3.0)

@@ -90,8 +90,11 @@ class DriveSimEnv(gym.Env):
     def step(self, action):
         a = torch.as_tensor(np.asarray(action, dtype=np.float32))[None]
         obs, reward, terminated, truncated, info = self.sim.step(a)
+        # NaN marks a metric undefined on a tick; Gymnasium infos carry it as a separate mask
+        metrics = {k: v[0].cpu().numpy() for k, v in info["metrics"].items()}
         out_info = {
-            "metrics": {k: v[0].cpu().numpy() for k, v in info["metrics"].items()},
+            "metrics": {k: np.nan_to_num(v) for k, v in metrics.items()},
+            "metrics_valid": {k: np.isfinite(v) for k, v in metrics.items()},
             "invalid_action": bool(info["invalid_action"][0]),
         }
         if "episode_metrics" in info:

@@ -70,17 +70,22 @@ def map_points(st: SceneTensors, scene: torch.Tensor, t: torch.Tensor, pose: tor
     idx = raster.lookup_cells(st.map_cells, st.grid_origin, st.grid_cell, scene, pose[:, :2])
     idx = idx[:, :MAP_POINTS]
     valid = idx >= 0
-    seg = st.seg[scene[:, None], idx.clamp(min=0)]                  # [B, K, F_raw]
-    p0 = to_frame(seg[..., 0:2], pose[:, None, :2], pose[:, None, 2])
+    M = st.seg.shape[1]
+    flat = (scene[:, None] * M + idx.clamp(min=0)).reshape(-1)
+    seg = st.seg.reshape(-1, st.seg.shape[2]).index_select(0, flat).reshape(*idx.shape, -1)  # [B, K, F_raw]
     c, s = torch.cos(pose[:, 2])[:, None], torch.sin(pose[:, 2])[:, None]
+    rel = seg[..., 0:2] - pose[:, None, :2]
     d = seg[..., 2:4] - seg[..., 0:2]
-    dx, dy = c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]
+    xy = torch.stack([c * rel[..., 0] + s * rel[..., 1], -s * rel[..., 0] + c * rel[..., 1],
+                      c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], dim=-1)
     tl_idx = seg[..., 10].long()
-    T = st.tl_state.shape[2]
-    tl = st.tl_state[scene[:, None], tl_idx.clamp(min=0), t.clamp(max=T - 1)[:, None]]
-    tl_stop = ((tl_idx >= 0) & (tl == int(LightState.STOP))).float()
-    out = torch.stack([p0[..., 0], p0[..., 1], dx, dy, seg[..., 4], seg[..., 5], seg[..., 6], seg[..., 7],
-                       seg[..., 8], seg[..., 9], tl_stop], dim=-1)
+    has_tl = tl_idx >= 0
+    tl_stop = torch.zeros_like(seg[..., 10])
+    if bool(has_tl.any()):  # most maps have no traffic lights: skip the gather then
+        T = st.tl_state.shape[2]
+        tl = st.tl_state[scene[:, None], tl_idx.clamp(min=0), t.clamp(max=T - 1)[:, None]]
+        tl_stop = (has_tl & (tl == int(LightState.STOP))).float()
+    out = torch.cat([xy, seg[..., 4:10], tl_stop[..., None]], dim=-1)
     if out.shape[1] < MAP_POINTS:  # small scenes: pad to the fixed size
         pad = MAP_POINTS - out.shape[1]
         out = torch.nn.functional.pad(out, (0, 0, 0, pad))

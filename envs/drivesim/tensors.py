@@ -20,6 +20,12 @@ from envs.drivesim.scene import DEFAULT_LANE_WIDTH, AgentType, MapType, Scene, S
 PATH_STEP_M = 0.5
 """Resolution of the resampled logged ego path (progress, route, distance to the path)."""
 GRID_CELL_M = 10.0
+LANE_CELL_M = 5.0
+LANE_MARGIN_M = 3.5
+EDGE_MARGIN_M = 4.0
+"""Road edges within this distance of a 5 m cell are indexed: covers a box of up to ~7.5 m x 2.6 m
+whose centre lies in the cell (a longer vehicle may miss an edge crossing at its far end)."""
+"""Lane centre lines within this distance of a 5 m cell are indexed (lane-keeping metrics)."""
 MAP_FEATURES_RAW = 12  # x0, y0, x1, y1, half_width, speed_limit, lane, boundary, edge, crosswalk, tl_index, heading
 
 
@@ -200,11 +206,12 @@ class SceneTensors:
             map_grids.append(raster.build_nearest_grid(mids, bounds, cell=GRID_CELL_M, k=obs_points))
             lane_seg = seg[seg[:, 6] > 0][:, 0:5] if len(seg) else np.zeros((0, 5), np.float32)
             per["lanes"].append(lane_seg if len(lane_seg) else np.zeros((1, 5), np.float32))
-            lane_grids.append(raster.build_segment_grid(lane_seg[:, :4], bounds, cell=GRID_CELL_M, margin=4.0,
-                                                        cap=256))
+            lane_grids.append(raster.build_segment_grid(lane_seg[:, :4], bounds, cell=LANE_CELL_M,
+                                                        margin=LANE_MARGIN_M, cap=96))
             edge = raster.road_edge_segments(scene)
             edge_segs.append(edge if len(edge) else np.zeros((1, 4), np.float32))
-            edge_grids.append(raster.build_segment_grid(edge, bounds, cell=GRID_CELL_M, margin=4.0))
+            edge_grids.append(raster.build_segment_grid(edge, bounds, cell=LANE_CELL_M, margin=EDGE_MARGIN_M,
+                                                        cap=128))
             origins.append(bounds[:2])
         sdf, sdf_origin = raster.stack_rasters(rasters)
         t = lambda a, dt=torch.float32: torch.as_tensor(a, dtype=dt, device=device)  # noqa: E731
