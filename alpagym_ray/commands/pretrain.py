@@ -226,7 +226,7 @@ def pretrain(cfg: Any, run_dir: str | os.PathLike | None = None, progress: bool 
     collect_s = time.perf_counter() - t0
     from_checkpoint = bool((plain["policy"].get("model") or {}).get("path"))
     if hasattr(policy, "fit_anchors") and not from_checkpoint:
-        policy.fit_anchors(train["target"], seed=int(plain["seed"]))
+        policy.fit_anchors(train, seed=int(plain["seed"]))
     policy.to(device)
 
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -265,7 +265,7 @@ def _train(policy, train, val, plain, out: Path, device: torch.device, show: boo
     from learners.bc import BCConfig, evaluate, train_bc
 
     tcfg = dict(plain["train"])
-    if not all(hasattr(policy, a) for a in ("anchors", "distribution", "steps")):
+    if not all(hasattr(policy, a) for a in ("closest_anchor", "distribution", "steps")):
         tcfg["anchor_ce_weight"] = 0.0  # a policy without anchors: plain likelihood
     bc = BCConfig(**tcfg)
     baseline = evaluate(ConstantVelocityPolicy(policy.horizon).to(device),

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NuRec tracks_poses quaternion order after x, y, z")
     p.add_argument("--nurec-map", choices=("auto", "xodr", "parquet"), default="auto",
                    help="NuRec map source (parquet support is best-effort and unverified)")
+    p.add_argument("--check", action="store_true",
+                   help="report how often the logged ego is off-road or overlaps others (slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="also list files imported without fixes")
     return p
@@ -83,11 +85,15 @@ def main(argv: list[str]) -> int:
         progress.advance(task)
         if r.status in (FIXED, SKIPPED) or args.verbose:
             progress.console.print(r.line(), markup=False, soft_wrap=True)
+            if args.verbose:
+                for note in r.info:
+                    progress.console.print(f"         ({note})", markup=False, soft_wrap=True)
 
     try:
         with progress:
             reports = import_scene_set(args.format, args.sources, args.out, options, workers=args.workers,
-                                       overwrite=args.overwrite, on_start=on_start, on_report=on_report)
+                                       overwrite=args.overwrite, on_start=on_start, on_report=on_report,
+                                       check=args.check)
     except KeyboardInterrupt:
         console.print("interrupted: the scenes imported so far are in the set; rerun to continue")
         return 130

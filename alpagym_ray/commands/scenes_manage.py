@@ -52,17 +52,20 @@ def list_main(argv: list[str]) -> int:
         return 1
     import fnmatch
 
-    entries = [e for e in sset.entries
-               if not args.include or any(fnmatch.fnmatchcase(e["scene_id"], pat) for pat in args.include)]
+    entries = [row for row in sset.entries
+               if not args.include or any(fnmatch.fnmatchcase(row["scene_id"], pat) for pat in args.include)]
     if args.json:
         print(json.dumps(entries, indent=1))
         return 0
-    width = max([len("scene_id")] + [len(e["scene_id"]) for e in entries])
-    print(f"{'scene_id':<{width}}  {'dataset':<10} {'steps':>5} {'sec':>6} {'agents':>6} {'lines':>6} {'ego_m':>8}")
-    for e in entries:
-        steps = int(e.get("num_steps", 0))
-        print(f"{e['scene_id']:<{width}}  {str(e.get('dataset', '?')):<10} {steps:>5} {steps * DT:>6.1f} "
-              f"{e.get('num_agents', '?'):>6} {e.get('num_polylines', '?'):>6} {e.get('ego_path_m', 0.0):>8.1f}")
+    width = max([len("scene_id")] + [len(row["scene_id"]) for row in entries])
+    print(f"{'scene_id':<{width}}  {'dataset':<10} {'steps':>5} {'sec':>6} {'agents':>6} {'lines':>6} "
+          f"{'ego_m':>8}")
+    for entry in entries:
+        steps = int(entry.get("num_steps", 0))
+        print(f"{entry['scene_id']:<{width}}  {str(entry.get('dataset', '?')):<10} {steps:>5} "
+              f"{steps * DT:>6.1f} "
+              f"{entry.get('num_agents', '?'):>6} {entry.get('num_polylines', '?'):>6} "
+              f"{entry.get('ego_path_m', 0.0):>8.1f}")
     print(f"{len(entries)} scene(s) in {sset.root}")
     return 0
 
@@ -82,7 +85,8 @@ def split_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alpagym-ray scenes split",
                                 description="Split a scene set into train and held-out sets.")
     p.add_argument("path", help="scene-set directory or Hub dataset id")
-    p.add_argument("--out", type=Path, required=True, help="writes <out>/train, <out>/heldout, <out>/split.json")
+    p.add_argument("--out", type=Path, required=True,
+                   help="writes <out>/train, <out>/heldout and <out>/split.json")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--heldout-fraction", type=float, default=0.1,
                        help="expected fraction held out by the stable id hash (default %(default)s)")
@@ -198,7 +202,8 @@ def stats_main(argv: list[str]) -> int:
     else:
         for key, value in stats.items():
             if isinstance(value, dict) and {"min", "median", "max"} <= set(value):
-                value = f"min {value['min']:g}  median {value['median']:g}  max {value['max']:g}  total {value['total']:g}"
+                value = (f"min {value['min']:g}  median {value['median']:g}  max {value['max']:g}  "
+                         f"total {value['total']:g}")
             elif isinstance(value, list):
                 value = f"{len(value)}" + (f": {value[:3]}" if value else "")
             print(f"{key:<22} {value}")

@@ -247,6 +247,7 @@ class DriveSimBatch:
         if bool(ended.any()):
             info["episode_metrics"], info["episode_series"] = self._episode_end(ended)
         info["ended"] = ended
+        info["ego_pose"] = self.pose
         reward = self.reward_fn(metrics, info)
         return self._observe(), reward, terminated, truncated, info
 

@@ -1,0 +1,261 @@
+"""The learner group: Ray Train ``TorchTrainer`` workers running the GRPO iteration of DESIGN.md.
+
+Each rank takes its equal share of whole groups from the buffer, recomputes ``logp_old`` under its
+current weights, and makes ``epochs`` passes in ``minibatches`` slices. The loss of a slice is
+normalised by the *global* number of decision rows and gradients are summed across ranks (one
+all-reduce of one flat buffer), so N learners make exactly the update one learner would. After the
+iteration rank 0 publishes the flat weights (version + 1) to the broadcaster.
+
+Versions: a fresh run publishes the starting weights as version 0; a restarted or resumed learner
+group reloads the last checkpoint and publishes it as ``highest version ever published + 1``, so
+versions only grow (DESIGN.md, "Weights").
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from alpagym_ray import columns as C
+from alpagym_ray.targets import import_target, instantiate
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _allreduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum gradients over ranks in one flat buffer (loss already carries 1 / global rows)."""
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for p, g in zip(params, grads, strict=True):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p)
+        offset += n
+
+
+def _broadcast_int(value: int) -> int:
+    dist = _dist()
+    if dist is None:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, scale_by_std: bool):
+    """Decision rows of whole groups -> tensors (obs, action, logp_behavior, advantage, version)."""
+    from learners.grpo import group_advantages
+
+    batches = ray.get([ref for _, ref in entries])
+    table = pa_concat(batches)
+    returns = torch.tensor([m.returns for m, _ in entries], dtype=torch.float32)      # [groups, G]
+    adv, informative = group_advantages(returns, scale_by_std=scale_by_std)
+    # one advantage per episode id, repeated on its decision rows
+    by_episode = {}
+    for g, (m, _) in enumerate(entries):
+        for j in range(returns.shape[1]):
+            by_episode[f"{m.group_id}/{j}"] = float(adv[g, j])
+    ep_ids = table.column(C.EPISODE_ID).to_pylist()
+    out = {
+        "obs": {k: v.to(device) for k, v in C.observations(table, obs_keys).items()},
+        "action": C.column_tensor(table, C.ACTION, (horizon, 3)).to(device),
+        "logp_behavior": torch.from_numpy(table.column(C.LOGP_BEHAVIOR).to_numpy()).to(device),
+        "advantage": torch.tensor([by_episode[e] for e in ep_ids], dtype=torch.float32, device=device),
+        "version": torch.from_numpy(table.column(C.POLICY_VERSION).to_numpy()),
+        "informative": informative,
+    }
+    return out
+
+
+def pa_concat(batches):
+    import pyarrow as pa
+
+    return pa.Table.from_batches(batches).combine_chunks()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function (one per learner rank)."""
+    from learners.grpo import GRPOConfig, grpo_loss
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(config["seed"])
+    torch.set_num_threads(config.get("torch_threads", 1))
+    device = torch.device("cuda" if config["use_gpu"] and torch.cuda.is_available() else "cpu")
+    buffer, broadcaster = config["buffer"], config["broadcaster"]
+    lc = config["learner"]
+    grpo = GRPOConfig(**lc["grpo"])
+    flat_params = import_target("learners.flat_params.flatten_params")
+    ckpt_tools = importlib.import_module("learners.checkpoint")
+    policy = instantiate(config["policy"]).to(device).train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lc["lr"], eps=1e-6)
+    reference = None
+    if grpo.kl_coef > 0:
+        reference = instantiate(config["policy"]).to(device).eval()
+        for p in reference.parameters():
+            p.requires_grad_(False)
+    start_iteration = 0
+    checkpoint = ray.train.get_checkpoint()
+    resume_dir = config.get("resume_checkpoint")
+    restored = False
+    if checkpoint is not None or resume_dir:
+        with (checkpoint.as_directory() if checkpoint is not None else _nullcontext(resume_dir)) as d:
+            state = ckpt_tools.load_checkpoint(d, map_location=device)
+            policy.load_state_dict(state.state_dict())
+            trainer_state = ckpt_tools.load_optimizer_state(d, optimizer, map_location=device)
+            start_iteration = int(trainer_state.get("iteration", -1)) + 1
+            restored = True
+    # versions only grow: continue above the highest ever published
+    version = 0
+    if rank == 0:
+        highest = ray.get(broadcaster.highest_version.remote())
+        recorded = _read_versions(config["run_dir"])
+        version = max(highest, recorded) + 1 if (restored or highest >= 0 or recorded >= 0) else 0
+    version = _broadcast_int(version)
+    run_dir = Path(config["run_dir"])
+    writer = None
+    if rank == 0:
+        _publish(policy, flat_params, broadcaster, buffer, version, run_dir)
+        ray.get(buffer.start.remote(version, start_iteration))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+    obs_keys, horizon = tuple(policy.obs_keys), int(policy.action_spec.horizon)
+    M, epochs = lc["minibatches"], lc["epochs"]
+    for it in range(start_iteration, config["iterations"]):
+        t_iter = time.perf_counter()
+        shard = ray.get(buffer.take_shard.remote(it, rank, world, M))
+        t_data = time.perf_counter()
+        mbs = [load_groups(entries, obs_keys, horizon, device, grpo.scale_by_std) for entries in shard["minibatches"]]
+        with torch.no_grad():  # π_old: the weights at the start of the iteration
+            for mb in mbs:
+                mb["logp_old"] = policy.log_prob(mb["obs"], mb["action"]).float()
+                if reference is not None:
+                    mb["logp_ref"] = reference.log_prob(mb["obs"], mb["action"]).float()
+        agg: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(epochs):
+            for m, mb in enumerate(mbs):
+                optimizer.zero_grad(set_to_none=False)
+                logp = policy.log_prob(mb["obs"], mb["action"])
+                # × world: undo nothing (grads are summed, not averaged) — the global row count does it
+                loss, stats = grpo_loss(logp, mb["logp_old"], mb["logp_behavior"], mb["advantage"],
+                                        shard["global_rows"][m], grpo, mb.get("logp_ref"))
+                loss.backward()
+                _allreduce_grads(params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, lc["max_grad_norm"])
+                optimizer.step()
+                n_updates += 1
+                for k, v in stats.items():
+                    agg[k] = agg.get(k, 0.0) + float(v)
+                agg["loss"] = agg.get("loss", 0.0) + float(loss) * world
+                agg["grad_norm"] = agg.get("grad_norm", 0.0) + float(grad_norm)
+        with torch.no_grad():
+            entropy = float(policy.entropy(mbs[0]["obs"]).mean()) if hasattr(policy, "entropy") else math.nan
+        version += 1
+        metrics = {k: v / max(n_updates, 1) for k, v in agg.items()}
+        metrics.update(iteration=it, version=version, entropy=entropy, lr=optimizer.param_groups[0]["lr"],
+                       learner_s=time.perf_counter() - t_data, data_wait_s=t_data - t_iter,
+                       decisions=sum(int(mb["action"].shape[0]) for mb in mbs))
+        checkpoint_now = (it + 1) % lc["checkpoint_every"] == 0 or it + 1 == config["iterations"]
+        if rank == 0:
+            publish_s = _publish(policy, flat_params, broadcaster, buffer, version, run_dir)
+            metrics["publish_s"] = publish_s
+            _log(writer, metrics, shard["stats"], it, time.perf_counter() - t_iter)
+        report_ckpt = None
+        tmp = None
+        if checkpoint_now and rank == 0:
+            tmp = tempfile.mkdtemp(prefix="alpagym-ckpt-")
+            ckpt_tools.save_checkpoint(policy, tmp, policy_version=version, optimizer=optimizer,
+                                       trainer_state={"iteration": it, "version": version},
+                                       provenance={"algorithm": "grpo", "iteration": it})
+            report_ckpt = ray.train.Checkpoint.from_directory(tmp)
+        scalar = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        scalar.update({f"buffer/{k}": v for k, v in shard["stats"].items() if isinstance(v, int | float)})
+        if checkpoint_now:
+            ray.train.report(scalar, checkpoint=report_ckpt)
+        if rank == 0 and report_ckpt is not None:
+            import shutil
+
+            shutil.copytree(tmp, run_dir / "checkpoints" / f"version_{version:06d}", dirs_exist_ok=True)
+            (run_dir / "checkpoints" / "latest.txt").write_text(f"version_{version:06d}\n")
+    if writer is not None:
+        writer.close()
+
+
+class _nullcontext:
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        return self.value
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _read_versions(run_dir: str) -> int:
+    p = Path(run_dir) / "versions.json"
+    if not p.is_file():
+        return -1
+    try:
+        return int(json.loads(p.read_text())["highest_published"])
+    except (ValueError, KeyError):
+        return -1
+
+
+def _publish(policy, flat_params, broadcaster, buffer, version: int, run_dir: Path) -> float:
+    t0 = time.perf_counter()
+    flat = flat_params(policy).detach().float().cpu().numpy()
+    ray.get(broadcaster.publish.remote(version, flat))
+    ray.get(buffer.on_published.remote(version))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "versions.json.tmp"
+    tmp.write_text(json.dumps({"highest_published": version, "time": time.time()}))
+    tmp.replace(run_dir / "versions.json")
+    return time.perf_counter() - t0
+
+
+def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
+    """TensorBoard scalars and the console progress line of one iteration (rank 0)."""
+    step = metrics["version"]
+    for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "lr", "is_weight_mean",
+              "is_weight_max", "is_ess_fraction", "publish_s", "learner_s", "data_wait_s"):
+        if k in metrics:
+            writer.add_scalar(f"learner/{k}", metrics[k], step)
+    for k in ("return_mean", "return_std", "staleness_p50", "staleness_p99", "staleness_max", "buffer_groups",
+              "produced", "consumed", "rollout_env_steps_per_s", "wait_s"):
+        if k in stats:
+            writer.add_scalar(f"rollout/{k}", stats[k], step)
+    for t, v in stats.get("terms", {}).items():
+        writer.add_scalar(f"reward/{t}", v, step)
+    for k, v in stats.get("episode_means", {}).items():
+        writer.add_scalar(f"episode/{k}", v, step)
+    writer.add_scalar("learner/decisions_per_s", metrics["decisions"] / max(metrics["learner_s"], 1e-9), step)
+    writer.add_scalar("time/iteration_s", iter_s, step)
+    writer.flush()
+    em = stats.get("episode_means", {})
+    print(f"iter {it:4d}  v{step:<4d} return {stats['return_mean']:+.3f}±{stats['return_std']:.3f}  "
+          f"collision {em.get('collision_any', float('nan')):.2f}  offroad {em.get('offroad', float('nan')):.2f}  "
+          f"env-steps/s {stats.get('rollout_env_steps_per_s', 0):,.0f}  "
+          f"decisions/s(learn) {metrics['decisions'] / max(metrics['learner_s'], 1e-9):,.0f}  "
+          f"staleness {stats['staleness_max']:.0f}  loss {metrics.get('loss', float('nan')):+.4f}  "
+          f"kl {metrics.get('approx_kl', float('nan')):.4f}  {iter_s:.1f}s", flush=True)

@@ -1,0 +1,125 @@
+"""The driver of a GRPO run: start the actors, run the learner group, write the summary.
+
+It knows no concrete env, policy or reward: everything is built inside the actors from the
+``_target_`` config nodes it is given (plain dicts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, in plain (picklable) form."""
+
+    run_dir: str
+    env: dict
+    policy: dict
+    reward: dict
+    learner: dict
+    topology: dict
+    train_groups: list[dict]
+    """Reset options groups are drawn from (drivesim: ``{"scene_id", "start_step"}``)."""
+    iterations: int
+    seed: int = 0
+    resume_checkpoint: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def init_ray(topology: dict) -> None:
+    """Join the configured cluster, or start a local Ray bound to 127.0.0.1."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep every socket on 127.0.0.1
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = topology.get("address")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def start_actors(spec: RunSpec):
+    """The broadcaster, the rollout workers and the buffer (the learner group comes with fit())."""
+    from alpagym_ray.episode_buffer import EpisodeBuffer
+    from alpagym_ray.rollout_worker import RolloutWorker
+    from alpagym_ray.weights import WeightBroadcaster
+
+    topo, lc = spec.topology, spec.learner
+    G = int(lc["group_size"])
+    B = int(topo["envs_per_worker"])
+    if B < G or B % G:
+        raise ValueError(f"topology.envs_per_worker={B} must be a positive multiple of learner.group_size={G}")
+    broadcaster = ray.remote(WeightBroadcaster).options(num_cpus=0, max_restarts=0).remote()
+    worker_cls = ray.remote(RolloutWorker)
+    workers = [
+        worker_cls.options(
+            num_cpus=topo["rollout_cpus"], num_gpus=topo["rollout_gpus"], max_restarts=-1, max_task_retries=0,
+        ).remote(f"w{i}", spec.env, spec.policy, spec.reward, broadcaster, G, B, topo["rollout_device"],
+                 topo.get("torch_threads", 1))
+        for i in range(int(topo["num_rollout_workers"]))
+    ]
+    buffer = ray.remote(EpisodeBuffer).options(num_cpus=0, max_concurrency=64).remote(
+        workers, spec.train_groups, G, int(lc["groups_per_iteration"]), B // G, int(lc["max_staleness"]),
+        spec.run_dir, spec.seed)
+    return broadcaster, workers, buffer
+
+
+def fit(spec: RunSpec, broadcaster, buffer):
+    """Run the learner group (Ray Train TorchTrainer) to the last iteration."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from alpagym_ray.learner import train_loop_per_worker
+
+    topo = spec.topology
+    config = {
+        "buffer": buffer, "broadcaster": broadcaster, "policy": spec.policy, "learner": spec.learner,
+        "iterations": spec.iterations, "seed": spec.seed, "run_dir": spec.run_dir,
+        "use_gpu": bool(topo["learner_use_gpu"]), "torch_threads": topo.get("torch_threads", 1),
+        "resume_checkpoint": spec.resume_checkpoint,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=int(topo["num_learners"]), use_gpu=bool(topo["learner_use_gpu"]),
+                                     resources_per_worker={"CPU": float(topo["learner_cpus"])}),
+        torch_config=TorchConfig(backend=topo["backend"]),
+        run_config=RunConfig(storage_path=str(Path(spec.run_dir).resolve() / "ray_train"), name="learner",
+                             failure_config=FailureConfig(max_failures=int(topo["max_failures"]))),
+    )
+    return trainer.fit()
+
+
+def run(spec: RunSpec) -> dict:
+    """A whole run; returns the summary (also written to ``run_dir/summary.json``)."""
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    init_ray(spec.topology)
+    t0 = time.time()
+    broadcaster, workers, buffer = start_actors(spec)
+    result = fit(spec, broadcaster, buffer)
+    stats = ray.get(buffer.stats.remote())
+    summary = {
+        "run_dir": str(run_dir), "iterations": spec.iterations, "wall_s": time.time() - t0,
+        "final_version": ray.get(broadcaster.highest_version.remote()),
+        "buffer": stats, "last_metrics": result.metrics,
+        "checkpoint": (run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest.txt").read_text().strip()).as_posix()
+        if (run_dir / "checkpoints" / "latest.txt").is_file() else None,
+    }
+    for actor in [*workers, buffer, broadcaster]:
+        ray.kill(actor)
+    return summary
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=1, default=str))

@@ -1,0 +1,246 @@
+import math
+
+import pytest
+import torch
+from torch import distributions as D
+
+from alpagym_ray.policy import ActionSpec, Policy
+from learners.anchors import control_points_of
+from learners.trajectory_policy import (
+    ROUTE_KEYS,
+    TrajectoryPolicy,
+    TrajectoryPolicyConfig,
+    build_policy,
+)
+
+ALL = ("ego_history", "route", "map_points", "agents")
+
+
+def tiny(**kw) -> TrajectoryPolicy:
+    torch.manual_seed(0)
+    return TrajectoryPolicy(TrajectoryPolicyConfig(size="tiny", **kw))
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="imitation target"):
+        TrajectoryPolicyConfig(obs_keys=("ego_history", "gt_trajectory"))
+    with pytest.raises(ValueError, match="unknown keys"):
+        TrajectoryPolicyConfig(obs_keys=("ego_hist",))
+    with pytest.raises(ValueError, match="size"):
+        TrajectoryPolicyConfig(size="huge")
+    with pytest.raises(ValueError, match="horizon"):
+        TrajectoryPolicyConfig(horizon=4)
+    with pytest.raises(ValueError, match="num_control_points"):
+        TrajectoryPolicyConfig(horizon=5, num_control_points=6)
+    with pytest.raises(ValueError, match="min_std"):
+        TrajectoryPolicyConfig(min_std=1.0, init_std=0.5)
+    cfg = TrajectoryPolicyConfig(size="tiny", horizon=64)
+    assert cfg.d_model == 32 and cfg.num_control_points == 16
+    assert TrajectoryPolicyConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_sizes():
+    n_tiny = sum(p.numel() for p in tiny(obs_keys=ALL).parameters())
+    assert n_tiny < 100_000
+    n_default = sum(p.numel() for p in TrajectoryPolicy(TrajectoryPolicyConfig(obs_keys=ALL)).parameters())
+    assert 1_000_000 < n_default < 10_000_000
+
+
+def test_large_size_is_about_100m():
+    large = TrajectoryPolicy(TrajectoryPolicyConfig(size="large", obs_keys=ROUTE_KEYS))
+    assert 80e6 < sum(p.numel() for p in large.parameters()) < 150e6
+
+
+@pytest.mark.parametrize("keys", [ROUTE_KEYS, ALL, (*ALL, "bev"), ("agents",)])
+def test_act_shapes_and_exact_logp(make_obs, keys):
+    policy = tiny(obs_keys=keys, prior="constant_velocity" if "ego_history" in keys else "none")
+    assert isinstance(policy, Policy)
+    assert policy.action_spec == ActionSpec(horizon=20)
+    obs = make_obs(6, keys)
+    action, logp, extras = policy.act(obs, torch.Generator().manual_seed(3))
+    assert action.shape == (6, 20, 3) and logp.shape == (6,)
+    assert extras["anchor"].shape == (6,) and extras["anchor"].dtype == torch.long
+    assert torch.isfinite(action).all() and torch.isfinite(logp).all()
+    # the stored action alone reproduces the log-probability bit for bit
+    assert torch.equal(policy.log_prob(obs, action), logp)
+    assert torch.equal(policy(obs, action), logp)
+    # same generator seed: same sample; deterministic mode: no randomness at all
+    again, _, _ = policy.act(obs, torch.Generator().manual_seed(3))
+    assert torch.equal(action, again)
+    d1, _, _ = policy.act(obs, deterministic=True)
+    d2, _, _ = policy.act(obs, torch.Generator().manual_seed(9), deterministic=True)
+    assert torch.equal(d1, d2)
+    assert policy.entropy(obs).shape == (6,)
+
+
+def test_fully_masked_observation_is_finite(make_obs):
+    policy = tiny(obs_keys=ALL)
+    obs = make_obs(3, ALL, mask_prob=0.0)
+    action, logp, _ = policy.act(obs, torch.Generator().manual_seed(0))
+    assert torch.isfinite(action).all() and torch.isfinite(logp).all()
+
+
+def test_masked_elements_are_ignored(make_obs):
+    policy = tiny(obs_keys=ALL)
+    obs = make_obs(4, ALL)
+    changed = {k: v.clone() for k, v in obs.items()}
+    for k in ALL:
+        m = obs[f"{k}_mask"]
+        changed[k][~m] = 123.0  # garbage where masked out
+    a, _, _ = policy.act(obs, deterministic=True)
+    b, _, _ = policy.act(changed, deterministic=True)
+    torch.testing.assert_close(a, b)
+
+
+def test_missing_key_is_named(make_obs):
+    policy = tiny(obs_keys=ALL)
+    obs = make_obs(2, ROUTE_KEYS)
+    with pytest.raises(KeyError, match="map_points"):
+        policy.act(obs)
+
+
+def test_log_prob_matches_an_independent_mixture(make_obs):
+    """log_prob equals torch.distributions' mixture of diagonal Gaussians with the head's parameters."""
+    policy = tiny(obs_keys=ROUTE_KEYS)
+    obs = make_obs(5, ROUTE_KEYS)
+    action, logp, _ = policy.act(obs, torch.Generator().manual_seed(1))
+    dist = policy.distribution(obs)
+    b, k = dist.logits.shape
+    comp = D.Independent(D.Normal(dist.mean.reshape(b, k, -1), dist.std.reshape(b, k, -1)), 1)
+    ref = D.MixtureSameFamily(D.Categorical(logits=dist.logits), comp)
+    y = control_points_of(action, policy.steps).reshape(b, -1)
+    torch.testing.assert_close(logp, ref.log_prob(y), atol=1e-4, rtol=1e-5)
+
+
+def _one_obs(make_obs, n, keys):
+    one = make_obs(1, keys, seed=4)
+    return {k: v.expand(n, *v.shape[1:]) for k, v in one.items()}
+
+
+def test_sampling_matches_the_distribution(make_obs):
+    """The sampler draws from the density log_prob evaluates (statistical checks, fixed seeds)."""
+    n = 20_000
+    policy = tiny(obs_keys=ROUTE_KEYS, num_anchors=4, init_std=1.0)
+    with torch.no_grad():  # spread the anchor weights so every component is visited
+        policy.head[-1].bias[:4] = torch.tensor([0.0, 0.5, -0.5, 1.0])
+        obs = _one_obs(make_obs, n, ROUTE_KEYS)
+        action, logp, extras = policy.act(obs, torch.Generator().manual_seed(0))
+        dist = policy.distribution({k: v[:1] for k, v in obs.items()})
+    probs = torch.softmax(dist.logits[0], -1)
+    # anchor frequencies: chi-square against the softmax (3 dof; 16.3 is the 0.1 % quantile)
+    counts = torch.bincount(extras["anchor"], minlength=4).double()
+    chi2 = ((counts - n * probs.double()) ** 2 / (n * probs.double())).sum()
+    assert chi2 < 16.3
+    # within each anchor: standardised residuals are N(0, 1)
+    y = control_points_of(action, policy.steps)
+    for k in range(4):
+        z = ((y[extras["anchor"] == k] - dist.mean[0, k]) / dist.std[0, k]).reshape(-1)
+        se = 1 / math.sqrt(z.numel())
+        assert abs(float(z.mean())) < 5 * se
+        assert abs(float(z.var()) - 1) < 5 * math.sqrt(2) * se
+
+
+def test_log_prob_is_a_normalised_density_of_the_samples(make_obs):
+    """With one control point (a 2-D density) check by importance sampling against a broad Gaussian q:
+    E_q[p / q] = 1 (normalised) and E_q[p / q * y] = the mean of the policy's own samples."""
+    n = 100_000
+    policy = tiny(obs_keys=ROUTE_KEYS, horizon=5, num_control_points=1, num_anchors=4, init_std=1.0)
+    with torch.no_grad():
+        policy.head[-1].bias[:4] = torch.tensor([0.0, 0.5, -0.5, 1.0])
+        obs = _one_obs(make_obs, n, ROUTE_KEYS)
+        action, _, _ = policy.act(obs, torch.Generator().manual_seed(0))
+        sample_mean = control_points_of(action, policy.steps).reshape(n, 2).double().mean(0)
+        centre = policy.distribution({k: v[:1] for k, v in obs.items()}).mean[0].reshape(-1, 2).mean(0)
+        q = D.Independent(D.Normal(centre.double(), torch.full((2,), 6.0, dtype=torch.float64)), 1)
+        noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+        yq = q.mean + 6.0 * noise
+        traj = torch.zeros(n, 5, 3)
+        traj[:, 4, :2] = yq.float()  # the control point sits at the last step (t = 5)
+        w = torch.exp(policy.log_prob(obs, traj).double() - q.log_prob(yq))
+    assert abs(float(w.mean()) - 1) < 0.03
+    is_mean = (w[:, None] * yq).mean(0) / w.mean()
+    torch.testing.assert_close(is_mean, sample_mean, atol=0.05, rtol=0)
+
+
+def test_gradients_flow_through_log_prob(make_obs):
+    policy = tiny(obs_keys=(*ALL, "bev"))
+    obs = make_obs(8, (*ALL, "bev"))
+    with torch.no_grad():
+        action, _, _ = policy.act(obs, torch.Generator().manual_seed(0))
+    policy.log_prob(obs, action).sum().backward()
+    no_grad = [n for n, p in policy.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not no_grad
+    for name in ("head.2.weight", "query", "encoders.route.mlp.0.weight", "encoders.agents.element.0.weight",
+                 "encoders.bev.cnn.0.weight", "trunk.layers.0.linear1.weight"):
+        assert float(dict(policy.named_parameters())[name].grad.abs().sum()) > 0, name
+
+
+def test_fit_anchors_sets_kmeans_centres(make_driving):
+    policy = tiny(obs_keys=ROUTE_KEYS, num_anchors=8)
+    data = make_driving(200)
+    policy.fit_anchors(data, seed=0)
+    # anchors are deviations from the constant-velocity prior: every target's deviation is closer to
+    # its nearest anchor than to the mean deviation
+    res = (control_points_of(data["target"], policy.steps) - policy.prior_control(data)).reshape(200, -1)
+    d = torch.cdist(res, policy.anchors.reshape(8, -1)).min(1).values
+    spread = torch.cdist(res, res.mean(0, keepdim=True))
+    assert float(d.mean()) < 0.5 * float(spread.mean())
+    # nearest by the mean distance of the control points (an ADE over them)
+    nearest = (res.reshape(200, 1, -1, 2) - policy.anchors[None]).norm(dim=-1).mean(-1).argmin(1)
+    assert torch.equal(policy.closest_anchor(data, data["target"]), nearest)
+
+
+def test_constant_velocity_prior_centres_the_mixture(make_obs):
+    obs = make_obs(4, ROUTE_KEYS, mask_prob=1.0)
+    obs["ego_history"][:, -1, 4] = torch.tensor([0.0, 5.0, 10.0, 20.0])  # speed
+    obs["ego_history"][:, -1, 6] = 0.0  # yaw rate
+    policy = tiny(obs_keys=ROUTE_KEYS, num_anchors=1)
+    with torch.no_grad():
+        policy.anchors.zero_()
+    mean = policy.distribution(obs).mean[:, 0]  # [B, C, 2]; the head starts near zero offsets
+    t = torch.tensor(policy.steps) * 0.1
+    torch.testing.assert_close(mean[..., 0], obs["ego_history"][:, -1, 4:5] * t, atol=0.05, rtol=0)
+    none = tiny(obs_keys=ROUTE_KEYS, num_anchors=1, prior="none")
+    assert torch.equal(none.prior_control(obs), torch.zeros(4, len(none.steps), 2))
+    with pytest.raises(ValueError, match="reads ego_history"):
+        TrajectoryPolicyConfig(obs_keys=("route",))
+
+
+def test_build_policy_from_hydra_kwargs():
+    p = build_policy(size="tiny", obs_keys=["ego_history", "route"], horizon=20, num_anchors=8,
+                     model={"path": None, "revision": None})
+    assert p.obs_keys == ROUTE_KEYS and p.config.num_anchors == 8 and p.config.size == "tiny"
+
+
+def test_hydra_configs_instantiate():
+    from pathlib import Path
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from learners.baselines import ConstantVelocityPolicy, LoggedReplayPolicy
+
+    conf = Path(__file__).resolve().parents[2] / "alpagym_ray" / "conf" / "policy"
+    route = instantiate(OmegaConf.merge(OmegaConf.load(conf / "trajectory_route.yaml"), {"size": "tiny"}))
+    assert isinstance(route, TrajectoryPolicy) and route.obs_keys == ROUTE_KEYS
+    full = instantiate(OmegaConf.merge(OmegaConf.load(conf / "trajectory.yaml"), {"size": "tiny"}))
+    assert full.obs_keys == ALL and full.config.num_anchors == 64
+    assert isinstance(instantiate(OmegaConf.load(conf / "constant_velocity.yaml")), ConstantVelocityPolicy)
+    replay = instantiate(OmegaConf.merge(OmegaConf.load(conf / "logged_replay.yaml"), {"size": "tiny"}))
+    assert isinstance(replay, LoggedReplayPolicy) and replay.horizon == 20
+
+
+@pytest.mark.gpu
+def test_act_on_cuda_matches_cpu_deterministic(make_obs):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    policy = tiny(obs_keys=ALL)
+    obs = make_obs(16, ALL)
+    a_cpu, lp_cpu, _ = policy.act(obs, deterministic=True)
+    gpu = policy.to("cuda")
+    obs_gpu = {k: v.cuda() for k, v in obs.items()}
+    a_gpu, lp_gpu, _ = gpu.act(obs_gpu, deterministic=True)
+    torch.testing.assert_close(a_gpu.cpu(), a_cpu, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lp_gpu.cpu(), lp_cpu, atol=1e-3, rtol=1e-4)
+    sampled, logp, _ = gpu.act(obs_gpu, torch.Generator(device="cuda").manual_seed(0))
+    assert sampled.is_cuda and torch.equal(gpu.log_prob(obs_gpu, sampled), logp)
