@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 run: install
-	$(BIN)/alpagym-ray rollout --out runs/quickstart
+	$(BIN)/alpagym-ray train iterations=10
 
 # pytest exits 5 when it collected nothing: that is not a failure of the suite
 test: install

@@ -70,7 +70,7 @@ class EpisodeBuffer:
         self.start_iteration = 0
         self.published = -1
         self.next_group = 0
-        self.admitted: Counter = Counter()   # iteration -> groups admitted (in flight or held)
+        self.retry_pending: list[tuple[GroupRequest, int]] = []
         self.zero_var_drops: Counter = Counter()
         self.retry: deque[tuple[GroupRequest, int]] = deque()
         self.held: list[HeldGroup] = []
@@ -93,9 +93,6 @@ class EpisodeBuffer:
         self.base_version = base_version - start_iteration
         self.start_iteration = start_iteration
         self.published = max(self.published, base_version)
-        for it in list(self.admitted):
-            if it < start_iteration:
-                del self.admitted[it]
         if self.task is None:
             self.task = asyncio.get_running_loop().create_task(self._fill())
         self.wake.set()
@@ -105,11 +102,23 @@ class EpisodeBuffer:
         self.wake.set()
 
     # ---- producing -----------------------------------------------------------------------
+    def _admitted(self) -> Counter:
+        """Groups per iteration that are held, in flight or queued for a retry (recomputed, so a
+        dropped group - zero variance, stale, failed - frees its slot for a replacement)."""
+        first = self.start_iteration  # groups admitted for consumed iterations serve the next one
+        n: Counter = Counter(max(h.iteration, first) for h in self.held)
+        for batch, _ in self.in_flight.values():
+            n.update(max(it, first) for _, it in batch)
+        n.update(max(it, first) for _, it in self.retry)
+        n.update(max(it, first) for _, it in self.retry_pending)
+        return n
+
     def _target_iteration(self) -> int | None:
         """The iteration the next new group would serve, if admission allows starting it now."""
         assert self.base_version is not None
+        admitted = self._admitted()
         it = self.start_iteration
-        while self.admitted[it] >= self.gpi:
+        while admitted[it] >= self.gpi:
             it += 1
         if self.published >= self.base_version + it - self.max_staleness:
             return it
@@ -128,14 +137,15 @@ class EpisodeBuffer:
                     if w in self.in_flight:
                         continue
                     batch: list[tuple[GroupRequest, int]] = []
+                    self.retry_pending = batch  # counted by _admitted while it is being filled
                     while len(batch) < self.per_call and self.retry:
                         batch.append(self.retry.popleft())
                     while len(batch) < self.per_call:
                         it = self._target_iteration()
                         if it is None:
                             break
-                        self.admitted[it] += 1
                         batch.append((self._new_request(), it))
+                    self.retry_pending = []
                     if batch:
                         reqs = [r for r, _ in batch]
                         refs = worker.run_groups.options(num_returns=len(reqs) + 1).remote(reqs)
@@ -179,8 +189,6 @@ class EpisodeBuffer:
                 self.last_group_error = meta.error[:2000]
                 if req.attempt < 3:
                     self.retry.append((GroupRequest(req.group_id, req.seed, req.options, req.attempt + 1), it))
-                else:
-                    self.admitted[it] -= 1
                 continue
             n = len(meta.returns)
             self.counts["produced"] += n
@@ -190,7 +198,6 @@ class EpisodeBuffer:
             if np.ptp(meta.returns) <= 1e-9 and self.zero_var_drops[it] < self.max_zero_variance_retries * self.gpi:
                 # no learning signal: drop and let admission request a replacement for this iteration
                 self.zero_var_drops[it] += 1
-                self.admitted[it] -= 1
                 self.counts["dropped_zero_variance"] += n
                 continue
             self.held.append(HeldGroup(meta, steps, it, time.time()))
@@ -246,6 +253,7 @@ class EpisodeBuffer:
             await asyncio.sleep(0.01)
         self.held.sort(key=lambda h: (h.meta.version_min, h.arrived))
         take, self.held = self.held[: self.gpi], self.held[self.gpi:]
+        self.start_iteration = max(self.start_iteration, iteration + 1)
         k = self.gpi // (R * M)
         per_rank: list[list[list[tuple[GroupMeta, ray.ObjectRef]]]] = [[[] for _ in range(M)] for _ in range(R)]
         global_rows = [0] * M

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
@@ -50,11 +49,11 @@ def _allreduce_grads(params: list[torch.Tensor]) -> None:
         offset += n
 
 
-def _broadcast_int(value: int) -> int:
+def _broadcast_int(value: int, device: torch.device) -> int:
     dist = _dist()
     if dist is None:
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=device)  # NCCL only moves CUDA tensors
     dist.broadcast(t, src=0)
     return int(t.item())
 
@@ -90,9 +89,47 @@ def pa_concat(batches):
     return pa.Table.from_batches(batches).combine_chunks()
 
 
+def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[int], grpo, epochs: int,
+                max_grad_norm: float, world: int = 1) -> dict[str, float]:
+    """``epochs`` passes over the minibatches of one iteration; mean stats over the updates.
+
+    Each minibatch dict holds ``obs``, ``action``, ``logp_old``, ``logp_behavior``, ``advantage``
+    (and ``logp_ref``); ``global_rows[m]`` is minibatch m's decision rows summed over all ranks."""
+    from learners.grpo import grpo_loss
+
+    agg: dict[str, float] = {}
+    n = 0
+    for _ in range(epochs):
+        for m, mb in enumerate(mbs):
+            optimizer.zero_grad(set_to_none=False)
+            logp = policy.log_prob(mb["obs"], mb["action"])
+            loss, stats = grpo_loss(logp, mb["logp_old"], mb["logp_behavior"], mb["advantage"],
+                                    global_rows[m], grpo, mb.get("logp_ref"))
+            loss.backward()
+            _allreduce_grads(params)  # sum over ranks: the loss already divides by the global rows
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            n += 1
+            for k, v in stats.items():
+                agg[k] = agg.get(k, 0.0) + float(v)
+            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * world
+            agg["grad_norm"] = agg.get("grad_norm", 0.0) + float(grad_norm)
+    return {k: v / max(n, 1) for k, v in agg.items()}
+
+
+def _write_steps(run_dir: Path, iteration: int, rank: int, minibatches) -> None:
+    """The decision rows this rank learned from in ``iteration`` (for inspection and replay tests)."""
+    import pyarrow.parquet as pq
+
+    out = run_dir / "steps"
+    out.mkdir(parents=True, exist_ok=True)
+    refs = [ref for entries in minibatches for _, ref in entries]
+    pq.write_table(pa_concat(ray.get(refs)), out / f"iter{iteration:05d}_rank{rank}.parquet")
+
+
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (one per learner rank)."""
-    from learners.grpo import GRPOConfig, grpo_loss
+    from learners.grpo import GRPOConfig
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -129,11 +166,14 @@ def train_loop_per_worker(config: dict) -> None:
         highest = ray.get(broadcaster.highest_version.remote())
         recorded = _read_versions(config["run_dir"])
         version = max(highest, recorded) + 1 if (restored or highest >= 0 or recorded >= 0) else 0
-    version = _broadcast_int(version)
+    version = _broadcast_int(version, device)
     run_dir = Path(config["run_dir"])
     writer = None
     if rank == 0:
         _publish(policy, flat_params, broadcaster, buffer, version, run_dir)
+        # the starting weights of this (re)start, as published: what the first groups act with
+        ckpt_tools.save_checkpoint(policy, run_dir / "checkpoints" / f"version_{version:06d}", policy_version=version,
+                                   provenance={"algorithm": "grpo", "start_of_iteration": start_iteration})
         ray.get(buffer.start.remote(version, start_iteration))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -142,6 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
     M, epochs = lc["minibatches"], lc["epochs"]
     for it in range(start_iteration, config["iterations"]):
         t_iter = time.perf_counter()
+        _maybe_crash(config, it, rank, run_dir)
         shard = ray.get(buffer.take_shard.remote(it, rank, world, M))
         t_data = time.perf_counter()
         mbs = [load_groups(entries, obs_keys, horizon, device, grpo.scale_by_std) for entries in shard["minibatches"]]
@@ -150,28 +191,14 @@ def train_loop_per_worker(config: dict) -> None:
                 mb["logp_old"] = policy.log_prob(mb["obs"], mb["action"]).float()
                 if reference is not None:
                     mb["logp_ref"] = reference.log_prob(mb["obs"], mb["action"]).float()
-        agg: dict[str, float] = {}
-        n_updates = 0
-        for _ in range(epochs):
-            for m, mb in enumerate(mbs):
-                optimizer.zero_grad(set_to_none=False)
-                logp = policy.log_prob(mb["obs"], mb["action"])
-                # × world: undo nothing (grads are summed, not averaged) — the global row count does it
-                loss, stats = grpo_loss(logp, mb["logp_old"], mb["logp_behavior"], mb["advantage"],
-                                        shard["global_rows"][m], grpo, mb.get("logp_ref"))
-                loss.backward()
-                _allreduce_grads(params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, lc["max_grad_norm"])
-                optimizer.step()
-                n_updates += 1
-                for k, v in stats.items():
-                    agg[k] = agg.get(k, 0.0) + float(v)
-                agg["loss"] = agg.get("loss", 0.0) + float(loss) * world
-                agg["grad_norm"] = agg.get("grad_norm", 0.0) + float(grad_norm)
+        agg = grpo_update(policy, optimizer, params, mbs, shard["global_rows"], grpo, epochs,
+                          lc["max_grad_norm"], world)
+        if config.get("write_steps"):
+            _write_steps(run_dir, it, rank, shard["minibatches"])
         with torch.no_grad():
             entropy = float(policy.entropy(mbs[0]["obs"]).mean()) if hasattr(policy, "entropy") else math.nan
         version += 1
-        metrics = {k: v / max(n_updates, 1) for k, v in agg.items()}
+        metrics = dict(agg)
         metrics.update(iteration=it, version=version, entropy=entropy, lr=optimizer.param_groups[0]["lr"],
                        learner_s=time.perf_counter() - t_data, data_wait_s=t_data - t_iter,
                        decisions=sum(int(mb["action"].shape[0]) for mb in mbs))
@@ -199,6 +226,17 @@ def train_loop_per_worker(config: dict) -> None:
             (run_dir / "checkpoints" / "latest.txt").write_text(f"version_{version:06d}\n")
     if writer is not None:
         writer.close()
+
+
+def _maybe_crash(config: dict, iteration: int, rank: int, run_dir: Path) -> None:
+    """Fault injection for tests: the process of rank 0 dies (once) at the configured iteration."""
+    at = config.get("crash_at_iteration")
+    marker = run_dir / ".crashed_once"
+    if at is not None and iteration == at and rank == 0 and not marker.exists():
+        marker.write_text(str(iteration))
+        import os
+
+        os._exit(1)
 
 
 class _nullcontext:

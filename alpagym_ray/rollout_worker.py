@@ -69,6 +69,8 @@ class RolloutWorker:
         num_envs: int,
         device: str = "cpu",
         torch_threads: int | None = 1,
+        video_every: int = 0,
+        run_dir: str | None = None,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -91,6 +93,10 @@ class RolloutWorker:
         self.episode_schema = C.episode_schema(self.reward_fn.term_names, self.env.metric_names)
         self.flat_tools = import_target("learners.flat_params.load_flat_params")
         self.pull_s = 0.0
+        # an mp4 of the first episode of a group every `video_every` versions (envs with render())
+        self.video_every = video_every if hasattr(self.env, "render") else 0
+        self.video_dir = os.path.join(run_dir, "videos") if run_dir else None
+        self.last_video_version = -1
 
     # ---- weights -------------------------------------------------------------------------
     def pull_if_newer(self, wait: bool = False, timeout_s: float = 300.0) -> int:
@@ -145,8 +151,13 @@ class RolloutWorker:
         series: list[dict | None] = [None] * n
         ep_metrics: list[dict | None] = [None] * n
         ticks = 0
+        record = (self.video_every > 0 and self.video_dir is not None and self.version >= 0
+                  and self.version % self.video_every == 0 and self.version != self.last_video_version)
+        frames = []
         while alive.any():
             self.pull_if_newer()
+            if record and alive[0]:
+                frames.append(self.env.render(0))
             with torch.no_grad():
                 action, logp, _ = self.policy.act(obs, generator=gen)
             rec["alive"].append(alive.copy())
@@ -163,7 +174,20 @@ class RolloutWorker:
                 series[i] = info["episode_series"][i]
                 ep_metrics[i] = {k: float(v[i]) for k, v in info["episode_metrics"].items()}
             alive &= ~ended
+        if record and frames:
+            self.last_video_version = self.version
+            self._write_video(frames, f"v{self.version:05d}_{requests[0].group_id}.mp4")
         return self._to_arrow(requests, rec, series, ep_metrics, ticks, time.perf_counter() - t_start)
+
+    def _write_video(self, frames: list[np.ndarray], name: str) -> None:
+        import imageio.v2 as imageio
+
+        os.makedirs(self.video_dir, exist_ok=True)
+        fps = max(1, 10 // self.env.decision_every)
+        try:
+            imageio.mimwrite(os.path.join(self.video_dir, name), frames, fps=fps, macro_block_size=1)
+        except Exception as e:  # a video is a nicety: never fail the group for it
+            print(f"worker {self.worker_id}: video {name} not written ({type(e).__name__}: {e})", flush=True)
 
     def _obs_columns(self) -> list[str]:
         return [c for k in self.policy.obs_keys for c in (k, mask_key(k))]

@@ -65,7 +65,7 @@ def start_actors(spec: RunSpec):
         worker_cls.options(
             num_cpus=topo["rollout_cpus"], num_gpus=topo["rollout_gpus"], max_restarts=-1, max_task_retries=0,
         ).remote(f"w{i}", spec.env, spec.policy, spec.reward, broadcaster, G, B, topo["rollout_device"],
-                 topo.get("torch_threads", 1))
+                 topo.get("torch_threads", 1), int(spec.extra.get("video_every", 0)) if i == 0 else 0, spec.run_dir)
         for i in range(int(topo["num_rollout_workers"]))
     ]
     buffer = ray.remote(EpisodeBuffer).options(num_cpus=0, max_concurrency=64).remote(
@@ -87,17 +87,26 @@ def fit(spec: RunSpec, broadcaster, buffer):
         "iterations": spec.iterations, "seed": spec.seed, "run_dir": spec.run_dir,
         "use_gpu": bool(topo["learner_use_gpu"]), "torch_threads": topo.get("torch_threads", 1),
         "resume_checkpoint": spec.resume_checkpoint,
+        **{k: v for k, v in spec.extra.items() if k in ("crash_at_iteration", "write_steps")},
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=int(topo["num_learners"]), use_gpu=bool(topo["learner_use_gpu"]),
-                                     resources_per_worker={"CPU": float(topo["learner_cpus"])}),
+                                     resources_per_worker=learner_resources(topo)),
         torch_config=TorchConfig(backend=topo["backend"]),
         run_config=RunConfig(storage_path=str(Path(spec.run_dir).resolve() / "ray_train"), name="learner",
                              failure_config=FailureConfig(max_failures=int(topo["max_failures"]))),
     )
     return trainer.fit()
+
+
+def learner_resources(topo: dict) -> dict:
+    """Ray resources of one learner rank (a GPU fraction when it shares the GPU with rollouts)."""
+    res = {"CPU": float(topo["learner_cpus"])}
+    if topo.get("learner_use_gpu"):
+        res["GPU"] = float(topo.get("learner_gpus", 1))
+    return res
 
 
 def run(spec: RunSpec) -> dict:
@@ -113,12 +122,17 @@ def run(spec: RunSpec) -> dict:
         "run_dir": str(run_dir), "iterations": spec.iterations, "wall_s": time.time() - t0,
         "final_version": ray.get(broadcaster.highest_version.remote()),
         "buffer": stats, "last_metrics": result.metrics,
-        "checkpoint": (run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest.txt").read_text().strip()).as_posix()
-        if (run_dir / "checkpoints" / "latest.txt").is_file() else None,
+        "checkpoint": latest_checkpoint(run_dir),
     }
     for actor in [*workers, buffer, broadcaster]:
         ray.kill(actor)
     return summary
+
+
+def latest_checkpoint(run_dir: Path) -> str | None:
+    """The newest checkpoint directory a run wrote (``checkpoints/latest.txt``), or None."""
+    latest = run_dir / "checkpoints" / "latest.txt"
+    return str(run_dir / "checkpoints" / latest.read_text().strip()) if latest.is_file() else None
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -8,10 +8,13 @@ token plus these tokens go through a pre-norm Transformer; the query token's out
 
 Head. The action is the natural cubic spline through the current pose and ``C`` control points
 (``learners.anchors``); the head predicts a mixture over ``K`` anchors: logits, and per anchor a
-Gaussian (diagonal) over the ``2C`` control-point coordinates centred on the anchor plus a
-predicted refinement. The log-probability of an action is the exact mixture density of its control
-points (the anchor choice is marginalised), recomputable from the stored action alone: GRPO relies
-on it. Yaw is derived deterministically from the spline's velocity.
+Gaussian (diagonal) over the ``2C`` control-point coordinates centred on prior + anchor + a
+predicted refinement. The prior (``learners.priors``, default: follow the route at the current
+speed) makes anchors deviations from the obvious manoeuvre; without it a behaviour-cloned policy
+copies its own yaw rate and misses curves in closed loop. The log-probability of an action is the
+exact mixture density of its control points (the anchor choice is marginalised), recomputable from
+the stored action alone: GRPO relies on it. Yaw is derived deterministically from the spline's
+velocity.
 
 Sizes: ``tiny`` (< 100k parameters, tests and the CPU quickstart), ``default`` (a few million),
 ``large`` (~100M). Build from Hydra with ``build_policy`` (``alpagym_ray/conf/policy/*.yaml``).
@@ -31,7 +34,6 @@ from torch import nn
 
 from alpagym_ray.observations import SPECS, mask_key, unknown_keys
 from alpagym_ray.policy import ActionSpec
-from learners.baselines import SPEED, YAW_RATE, constant_velocity_trajectory
 from learners.anchors import (
     control_points_of,
     control_steps,
@@ -42,6 +44,7 @@ from learners.anchors import (
     spline_basis,
     trajectory_from_control,
 )
+from learners.priors import constant_velocity_control, route_control
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(d_model=32, num_layers=1, num_heads=2, ffn_mult=2, pool_tokens=2),
@@ -50,7 +53,8 @@ SIZES: dict[str, dict[str, int]] = {
 }
 """Architecture presets chosen with ``size`` (``policy.size=tiny``)."""
 
-PRIORS = ("constant_velocity", "none")
+PRIORS = {"route": ("ego_history", "route"), "constant_velocity": ("ego_history",), "none": ()}
+"""Priors the mixture is centred on (``learners.priors``) and the keys each reads."""
 SEQUENCE_KEYS = ("ego_history", "route")
 SET_KEYS = ("map_points", "agents")
 RASTER_KEYS = ("bev",)
@@ -100,11 +104,15 @@ class TrajectoryPolicyConfig:
     """Standard deviation at initialisation (m)."""
     min_speed: float = 0.5
     """Below this speed (m/s) the derived yaw holds its last value."""
-    prior: str = "constant_velocity"
-    """Mean the mixture is centred on: ``constant_velocity`` (the arc at the current speed and yaw
-    rate from ``ego_history``; anchors are deviations from it) or ``none`` (anchors are absolute)."""
+    prior: str = "route"
+    """What the mixture is centred on (anchors are deviations from it): ``route`` (the route at the
+    current speed), ``constant_velocity`` (the arc at the current speed and yaw rate) or ``none``
+    (anchors are absolute). See ``learners.priors``."""
     deterministic: bool = False
-    """Default mode of ``act``: the most likely anchor's mean instead of a sample."""
+    """Default mode of ``act``: a fixed action (``deterministic_mode``) instead of a sample."""
+    deterministic_mode: str = "top"
+    """The deterministic action: the ``top`` (most likely) anchor's mean, or the ``mean`` of the
+    mixture (smoother in time, but it blends distinct manoeuvres: worse closed-loop, see the report)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "obs_keys", tuple(self.obs_keys))
@@ -127,11 +135,16 @@ class TrajectoryPolicyConfig:
         if unsupported:
             raise ValueError(f"TrajectoryPolicyConfig.obs_keys: {unsupported} not supported by this "
                              f"encoder; supported: {list(SUPPORTED_KEYS)}")
+        if self.deterministic_mode not in ("mean", "top"):
+            raise ValueError(f"TrajectoryPolicyConfig.deterministic_mode {self.deterministic_mode!r} "
+                             "unknown; valid: ['mean', 'top']")
         if self.prior not in PRIORS:
             raise ValueError(f"TrajectoryPolicyConfig.prior {self.prior!r} unknown; valid: {list(PRIORS)}")
-        if self.prior == "constant_velocity" and "ego_history" not in self.obs_keys:
-            raise ValueError("TrajectoryPolicyConfig: prior='constant_velocity' reads ego_history, which is "
-                             f"not in obs_keys {list(self.obs_keys)}; add it or set prior='none'")
+        lacking = [k for k in PRIORS[self.prior] if k not in self.obs_keys]
+        if lacking:
+            raise ValueError(f"TrajectoryPolicyConfig: prior={self.prior!r} reads {lacking}, which are not "
+                             f"in obs_keys {list(self.obs_keys)}; add them or choose another prior "
+                             f"({ {p: list(k) for p, k in PRIORS.items()} })")
         if len(set(self.obs_keys)) != len(self.obs_keys):
             raise ValueError(f"TrajectoryPolicyConfig.obs_keys has duplicates: {list(self.obs_keys)}")
         ActionSpec(horizon=self.horizon)  # raises on a bad horizon
@@ -276,10 +289,12 @@ class TrajectoryPolicy(nn.Module):
         self.horizon = cfg.horizon
         self.action_spec = ActionSpec(horizon=cfg.horizon)
         self.deterministic = cfg.deterministic
+        self.deterministic_mode = cfg.deterministic_mode
         self.steps = control_steps(cfg.horizon, cfg.num_control_points)
         k, c, d = cfg.num_anchors, cfg.num_control_points, cfg.d_model
         if anchors is None:
-            anchors = residual_fan_anchors(k, self.steps) if cfg.prior != "none" else fan_anchors(k, self.steps)
+            fan = residual_fan_anchors if cfg.prior != "none" else fan_anchors
+            anchors = fan(k, self.steps)
         if tuple(anchors.shape) != (k, c, 2):
             raise ValueError(f"anchors must have shape [num_anchors={k}, num_control_points={c}, 2], "
                              f"got {list(anchors.shape)}")
@@ -324,15 +339,15 @@ class TrajectoryPolicy(nn.Module):
         return cls(cfg, anchors=torch.zeros(cfg.num_anchors, cfg.num_control_points, 2))
 
     def prior_control(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The prior's control points ``[B, C, 2]``: constant speed and yaw rate (zeros without a prior)."""
-        if self.config.prior == "none":
-            b = obs[self.obs_keys[0]].shape[0]
-            return self.anchors.new_zeros(b, *self.anchors.shape[1:])
-        hist = obs["ego_history"].to(self.anchors.dtype)
-        now = obs[mask_key("ego_history")][:, -1].to(hist.dtype)
-        speed = hist[:, -1, SPEED].clamp(min=0.0) * now
-        traj = constant_velocity_trajectory(speed, hist[:, -1, YAW_RATE] * now, self.horizon)
-        return control_points_of(traj, self.steps)
+        """The prior's control points ``[B, C, 2]`` (``config.prior``; zeros without a prior)."""
+        if self.config.prior == "route":
+            return route_control({k: obs[k].to(self.anchors.dtype) if obs[k].is_floating_point() else obs[k]
+                                  for k in ("ego_history", "route", mask_key("ego_history"),
+                                            mask_key("route"))}, self.steps)
+        if self.config.prior == "constant_velocity":
+            return constant_velocity_control(obs, self.steps).to(self.anchors.dtype)
+        b = obs[self.obs_keys[0]].shape[0]
+        return self.anchors.new_zeros(b, *self.anchors.shape[1:])
 
     @torch.no_grad()
     def fit_anchors(self, data: Mapping[str, torch.Tensor], seed: int = 0) -> None:
@@ -348,7 +363,8 @@ class TrajectoryPolicy(nn.Module):
         self.anchors.copy_(kmeans_anchors(residual, self.config.num_anchors, seed=seed))
 
     def closest_anchor(self, obs: Mapping[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Index ``[B]`` of the anchor nearest (mean control-point distance) to each ``target [B, H, >=2]``."""
+        """Index ``[B]`` of the anchor nearest (mean control-point distance) to each target
+        ``[B, H, >=2]``, relative to the prior."""
         residual = control_points_of(target[:, : self.horizon], self.steps) - self.prior_control(obs)
         return torch.linalg.vector_norm(self.anchors[None] - residual[:, None], dim=-1).mean(-1).argmin(1)
 
@@ -396,8 +412,9 @@ class TrajectoryPolicy(nn.Module):
         generator: torch.Generator | None = None,
         deterministic: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Sample (or take the mode of) the mixture: action ``[B, H, 3]``, logp ``[B]`` and extras
-        ``{"anchor": [B] long, "anchor_prob": [B]}``. ``generator`` must live on the model's device."""
+        """Sample the mixture (or take its deterministic action): action ``[B, H, 3]``, logp ``[B]``
+        and extras ``{"anchor": [B] long (sampled, or the most likely), "anchor_prob": [B]}``.
+        ``generator`` must live on the model's device."""
         det = self.deterministic if deterministic is None else deterministic
         dist = self.distribution(obs)
         probs = F.softmax(dist.logits, dim=-1)
@@ -407,7 +424,9 @@ class TrajectoryPolicy(nn.Module):
             anchor = torch.multinomial(probs.detach().float(), 1, generator=generator).squeeze(1)
         idx = anchor[:, None, None, None].expand(-1, 1, *dist.mean.shape[2:])
         mean = dist.mean.gather(1, idx).squeeze(1)
-        if det:
+        if det and self.deterministic_mode == "mean":
+            control = (probs[..., None, None] * dist.mean).sum(1)
+        elif det:
             control = mean
         else:
             std = dist.std.gather(1, idx).squeeze(1)
@@ -465,11 +484,12 @@ def build_policy(
             f"config asks for obs_keys={list(cfg.obs_keys)} with horizon={cfg.horizon}; set "
             "policy.obs_keys / policy.horizon to the checkpoint's values")
     differs = {a: (getattr(cfg, a), getattr(got, a)) for a in ("size", "num_anchors", *overrides)
-               if a != "deterministic" and getattr(cfg, a) != getattr(got, a)}
+               if a not in ("deterministic", "deterministic_mode") and getattr(cfg, a) != getattr(got, a)}
     if differs:
         warnings.warn(f"checkpoint {path}: the architecture comes from the checkpoint; (config, checkpoint) "
                       f"values differ for {differs}", stacklevel=2)
     # the sampling mode is a run setting, not part of the weights
-    policy.config = replace(got, deterministic=cfg.deterministic)
+    policy.config = replace(got, deterministic=cfg.deterministic, deterministic_mode=cfg.deterministic_mode)
     policy.deterministic = cfg.deterministic
+    policy.deterministic_mode = cfg.deterministic_mode
     return policy

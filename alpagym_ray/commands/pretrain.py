@@ -34,6 +34,8 @@ import torch
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 NOT_HASHED = ("run_dir", "device", "progress")
+PERTURB_RAMP_STEPS = 10
+"""A perturbed replay reaches its full lateral offset after this many 0.1 s steps."""
 """Config keys that do not change the result (kept out of the cache key)."""
 
 
@@ -145,12 +147,34 @@ def start_pairs(scenes: Sequence, warmup: int, decision_every: int, horizon: int
     return pairs
 
 
+def perturbed_replay(obs: Mapping[str, torch.Tensor], horizon: int, lateral_m: torch.Tensor,
+                     speed_scale: torch.Tensor) -> torch.Tensor:
+    """The logged future as an action ``[B, H, 3]``, bent sideways by ``lateral_m [B]`` (reached
+    smoothly after ``PERTURB_RAMP_STEPS``) and stretched along x by ``speed_scale [B]``; yaw follows
+    the path."""
+    from learners.anchors import yaw_from_velocity
+    from learners.baselines import LoggedReplayPolicy
+
+    plan = LoggedReplayPolicy(horizon).trajectory(obs)
+    r = (torch.arange(1, horizon + 1, dtype=plan.dtype, device=plan.device) / PERTURB_RAMP_STEPS).clamp(max=1)
+    ramp = r * r * (3 - 2 * r)  # smoothstep: no jump at the current pose
+    xy = torch.stack([plan[..., 0] * speed_scale[:, None], plan[..., 1] + lateral_m[:, None] * ramp], -1)
+    vel = torch.diff(xy, dim=1, prepend=torch.zeros_like(xy[:, :1]))
+    return torch.cat([xy, yaw_from_velocity(vel)[..., None]], dim=-1)
+
+
 def collect_samples(
     scenes: Sequence, pairs: Sequence[tuple[str, int]], env: Mapping[str, Any], obs_keys: Sequence[str],
-    horizon: int, batch_envs: int = 512,
+    horizon: int, batch_envs: int = 512, perturb_decisions: int = 0, perturb_lateral_m: float = 0.0,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Reset drivesim at every pair and stack the observations with ``target = gt_trajectory[:, :H]``.
 
+    With ``perturb_decisions > 0`` each reset is followed by that many decisions driving a perturbed
+    replay of the log (:func:`perturbed_replay`: lateral offsets ~ N(0, ``perturb_lateral_m``),
+    speed scaled by U(0.8, 1.2)), and the states reached are recorded too: their targets, the logged
+    future seen from off the log, lead back to it, so the policy learns to recover from its own
+    drift (noise injection into the expert, as in DART, Laskey et al. 2017).
     Returns a ``learners.bc`` dataset (CPU tensors); samples whose target is not fully logged are
     dropped."""
     from alpagym_ray.observations import mask_key
@@ -160,23 +184,37 @@ def collect_samples(
     if not pairs:
         raise ValueError("no (scene, start_step) pair has a full logged future; use longer scenes or a "
                          "shorter horizon")
+    if perturb_decisions < 0 or perturb_lateral_m < 0:
+        raise ValueError("data.perturb_decisions and data.perturb_lateral_m must be >= 0")
     keys = tuple(dict.fromkeys([*obs_keys, "ego_history", "gt_trajectory"]))
     sim_cfg = DriveSimConfig.from_dict({**dict(env), "obs_keys": keys, "horizon": horizon})
     n_env = min(batch_envs, len(pairs))
     sim = DriveSimBatch(scenes, num_envs=n_env, config=sim_cfg, device="cpu")
+    gen = torch.Generator().manual_seed(seed)
     # the policy's keys, plus ego_history for the constant-velocity baseline
     stacked = [k for k in keys if k != "gt_trajectory"]
     stacked += [mask_key(k) for k in stacked]
     chunks: dict[str, list[torch.Tensor]] = {k: [] for k in (*stacked, "target", "target_mask")}
+
+    def record(obs: Mapping[str, torch.Tensor], rows: torch.Tensor) -> None:
+        for k in stacked:
+            chunks[k].append(obs[k][rows].clone())
+        chunks["target"].append(obs["gt_trajectory"][rows, :horizon].clone())
+        chunks["target_mask"].append(obs[mask_key("gt_trajectory")][rows, :horizon].clone())
+
     for i in range(0, len(pairs), n_env):
         part = pairs[i : i + n_env]
         n = len(part)
         obs = sim.reset(seeds=[0] * n, env_ids=list(range(n)),
                         options=[{"scene_id": sid, "start_step": st} for sid, st in part])
-        for k in stacked:
-            chunks[k].append(obs[k][:n].clone())
-        chunks["target"].append(obs["gt_trajectory"][:n, :horizon].clone())
-        chunks["target_mask"].append(obs[mask_key("gt_trajectory")][:n, :horizon].clone())
+        record(obs, torch.arange(n))
+        for _ in range(perturb_decisions):
+            lateral = torch.randn(n_env, generator=gen) * perturb_lateral_m
+            scale = 0.8 + 0.4 * torch.rand(n_env, generator=gen)
+            obs, *_ = sim.step(perturbed_replay(obs, horizon, lateral, scale))
+            live = ~sim.done.cpu()
+            live[n:] = False
+            record(obs, torch.nonzero(live).squeeze(1))
     data = {k: torch.cat(v) for k, v in chunks.items()}
     full = data["target_mask"].all(dim=1)
     return {k: v[full] for k, v in data.items()}
@@ -216,13 +254,17 @@ def pretrain(cfg: Any, run_dir: str | os.PathLike | None = None, progress: bool 
     env = dict(plain.get("env", {}))
     warmup = int(env.get("warmup_ticks", 17))
     decision_every = int(env.get("decision_every", 2))
-    stride = int(plain["data"]["start_stride"])
-    batch_envs = int(plain["data"].get("batch_envs", 512))
+    data = plain["data"]
+    stride = int(data["start_stride"])
     t0 = time.perf_counter()
-    train = collect_samples(train_scenes, start_pairs(train_scenes, warmup, decision_every, horizon, stride),
-                            env, policy.obs_keys, horizon, batch_envs)
+    # validation: the logged states only (ADE / FDE against the log, as the baseline is scored)
     val = collect_samples(val_scenes, start_pairs(val_scenes, warmup, decision_every, horizon, stride),
-                         env, policy.obs_keys, horizon, batch_envs)
+                          env, policy.obs_keys, horizon, int(data.get("batch_envs", 512)))
+    train = collect_samples(train_scenes, start_pairs(train_scenes, warmup, decision_every, horizon, stride),
+                            env, policy.obs_keys, horizon, int(data.get("batch_envs", 512)),
+                            perturb_decisions=int(data.get("perturb_decisions", 0)),
+                            perturb_lateral_m=float(data.get("perturb_lateral_m", 0.0)),
+                            seed=int(plain["seed"]))
     collect_s = time.perf_counter() - t0
     from_checkpoint = bool((plain["policy"].get("model") or {}).get("path"))
     if hasattr(policy, "fit_anchors") and not from_checkpoint:

@@ -71,7 +71,8 @@ def main(argv: list[str]) -> int:
     cfg = DriveSimConfig(agents=args.agents)
     sim = DriveSimBatch(scenes, num_envs=len(scenes), config=cfg, device=args.device)
     options = [{"scene_id": s.scene_id, "start_step": 0} for s in scenes]
-    policies = {"logged_replay": LoggedReplayPolicy(cfg.horizon), "constant_velocity": ConstantVelocityPolicy(cfg.horizon)}
+    policies = {"logged_replay": LoggedReplayPolicy(cfg.horizon),
+                "constant_velocity": ConstantVelocityPolicy(cfg.horizon)}
     results = {}
     for name, policy in policies.items():
         t0 = time.perf_counter()

@@ -11,7 +11,6 @@ policy when none is given (cached), evaluates it on held-out scenes, runs the Ra
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -112,8 +111,10 @@ def main(argv: list[str]) -> int:
     spec = train_loop.RunSpec(
         run_dir=str(run_dir), env={**env, "scene_ids": train_ids}, policy=policy, reward=to_plain(cfg.reward),
         learner=to_plain(cfg.learner), topology=to_plain(cfg.topology), train_groups=train_groups,
-        iterations=int(cfg.iterations), seed=int(cfg.seed), resume_checkpoint=resume_ckpt)
-    summary: dict[str, Any] = {"scenes": scenes_path, "train_scenes": len(train_ids), "holdout_scenes": len(holdout_ids)}
+        iterations=int(cfg.iterations), seed=int(cfg.seed), resume_checkpoint=resume_ckpt,
+        extra={"video_every": int(cfg.video_every)})
+    summary: dict[str, Any] = {"scenes": scenes_path, "train_scenes": len(train_ids),
+                               "holdout_scenes": len(holdout_ids)}
     holdout = [{"scene_id": s, "start_step": 0} for s in holdout_ids]
     if cfg.eval.enabled and holdout:
         summary["eval_before"] = evaluate_checkpoint(env, policy, cfg, holdout_ids, holdout)

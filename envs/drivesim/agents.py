@@ -8,22 +8,29 @@ their logged path: each agent keeps its logged geometry and validity (it appears
 as in the log, and starts from its logged state when it appears) but chooses its own speed from
 the gap to the nearest box ahead of it on its path (another agent or the ego). Approximations:
 
-- Paths are the logged box-centre tracks resampled by arc length (``build_agent_paths``), extended
-  straight past the last logged point so an agent that falls behind its log can catch up and one
-  that gets ahead does not stop at the end of its data; the extension's end is a stopped obstacle.
+- Paths are the logged box-centre tracks resampled by arc length (``build_agent_paths``; noise of a
+  standing agent is thinned out), extended straight past the last logged point by max(20 m, 5 s at
+  the largest logged speed) so an agent that falls behind its log can catch up and one that gets
+  ahead does not stop at the end of its data; the extension's end is a stopped obstacle (an agent
+  within ``lookahead`` of it brakes mildly even when on schedule).
 - The desired speed v0 is the agent's largest logged speed (at least ``IDMParams.v0_floor``):
   IDM agents do not see traffic lights, stop signs or the map, so an agent that was stopped at a
   red light in the log drives on once its leader moves. Agents never leave their path (no lane
   changes, no yielding at crossings other than to boxes on their own path).
 - The leader is the nearest valid box ahead whose centre projects onto the next
-  ``IDMParams.lookahead`` metres of the path within a corridor of the two half widths plus a
-  margin. The projection takes two Newton steps from the straight-line guess, so boxes more than
-  ~90° around a tight bend can be missed. Broadphase (precomputed per scene): only agents whose
-  paths come near the agent's path are examined, at most ``max_candidates`` of them (those that
-  came closest at the same log step), plus the ego.
+  ``IDMParams.lookahead`` metres of the path within a corridor of the agent's half width, the
+  box's extent across the path and a margin; the gap is bumper to the box's near side (both from
+  the relative heading). The projection is one path look-up at the straight-line distance plus a
+  linear correction: exact on straight paths; on a curve of radius R the lateral offset of a box
+  d metres ahead is off by about d⁶ / (72 R⁵) (1 cm at 10 m and 0.3 m at 20 m on R = 20 m; 0.2 m
+  at 40 m on R = 50 m), the gap by far less.
+- Broadphase (precomputed per scene): only agents whose paths enter the agent's corridor somewhere
+  can ever lead it; at most ``max_candidates`` of them are examined (those that came closest at the
+  same log step: a queue keeps its neighbours), plus the ego, which is always a candidate.
 - Parked agents (logged path shorter than ``IDMParams.parked_length``) stay where they appeared.
 - Braking is capped at ``IDMParams.max_decel``; IDM rarely needs more, but a box that cuts in
-  right in front of an agent can still be hit.
+  right in front of an agent can still be hit. Agents reappearing after a gap in their log jump to
+  their logged state.
 """
 
 from __future__ import annotations
@@ -114,12 +121,13 @@ class AgentPaths:
     ty: Tensor          # [S, N, P]
     heading: Tensor     # [S, N, P] logged box heading, interpolated by arc length
     spacing: Tensor     # [S, N] metres between points
-    length: Tensor      # [S, N] arc length of the last point (logged path + straight extension)
+    length: Tensor      # [S, N] arc length where the path ends (logged path + straight extension);
+    #                     the points go on straight to (P - 1) * spacing, unused
     log_length: Tensor  # [S, N] arc length of the logged path alone
     step_arc: Tensor    # [S, N, T] arc length of the logged position at each step (carried over gaps)
     v_max: Tensor       # [S, N] largest logged speed (m/s): the desired speed before the floor
     controlled: Tensor  # [S, N] bool: simulated by IDM (has a valid step and is not the ego's row)
-    candidates: Tensor  # [S, N, K] long: agents whose paths come close to agent n's path (-1 pads)
+    candidates: Tensor  # [S, N, K] int32: agents whose paths come close to agent n's path (-1 pads)
 
     @property
     def num_points(self) -> int:
@@ -133,11 +141,12 @@ def build_agent_paths(
     ego_row: int | None = 0,
     spacing: float = 1.0,
     max_points: int = 256,
-    extension_time: float = 3.0,
-    min_extension: float = 10.0,
+    extension_time: float = 5.0,
+    min_extension: float = 20.0,
     min_step: float = 0.25,
-    max_candidates: int = 8,
+    max_candidates: int = 4,
     corridor_margin: float = 1.0,
+    parked_length: float = IDMParams.parked_length,
 ) -> AgentPaths:
     """Resample every agent's logged track by arc length (per-scene precomputation, numpy).
 
@@ -156,12 +165,15 @@ def build_agent_paths(
         min_step: a logged position becomes a path vertex only once it is this far (m) from the
             previous vertex, so the position noise of a stationary agent does not turn into a path
             (a greedy thinning, vectorised over agents, looping over the T steps).
+        parked_length: paths shorter than this (m) belong to parked agents, which never move
+            (as ``IDMParams.parked_length``; used here only for the candidate search).
         max_candidates, corridor_margin: the precomputed broadphase of ``idm_step``. Agent m can only
-            ever lead agent n where m's path comes within n's half width + m's half diagonal +
-            ``corridor_margin`` (≥ ``IDMParams.lateral_margin``) of n's path, since agents never
-            leave their paths. Of those, the ``max_candidates`` that came closest to n at the same
-            log step are kept (a queue keeps its neighbours; crossing traffic that was far away in
-            time in the log is dropped first when there are more).
+            ever lead agent n where m's path enters n's corridor (n's half width + m's extent across
+            n's path + ``corridor_margin``, which should be ≥ ``IDMParams.lateral_margin``), since
+            agents never leave their paths. Of those, the ``max_candidates`` that came closest to n
+            at the same log step are kept (a queue keeps its neighbours; crossing traffic that was
+            far away in time in the log is dropped first). Fewer columns are kept when no agent
+            needs them all. The step's cost grows with this number (see the report / BENCHMARKS).
 
     Returns:
         :class:`AgentPaths` on the device of ``agent_state`` (CPU for numpy input).
@@ -260,9 +272,12 @@ def build_agent_paths(
     else:
         size = agent_size.detach().cpu().numpy() if isinstance(agent_size, Tensor) else np.asarray(agent_size)
         if size.shape != (S, N, 2):
-            raise ValueError(f"build_agent_paths: agent_size must be [S, N, 2] = {[S, N, 2]}, got {list(size.shape)}")
+            raise ValueError(f"build_agent_paths: agent_size must be [S, N, 2] = {[S, N, 2]}, "
+                             f"got {list(size.shape)}")
+    reach = np.where(log_len < parked_length, 0.0, total).reshape(S, N)
     candidates = np.stack([
-        _candidates(xy.reshape(S, N, P, 2)[i], step.reshape(S, N)[i], raw.reshape(S, N, T, 2)[i],
+        _candidates(xy.reshape(S, N, P, 2)[i], tangent.reshape(S, N, P, 2)[i], step.reshape(S, N)[i],
+                    reach[i], raw.reshape(S, N, T, 2)[i],
                     va.reshape(S, N, T)[i], controlled[i], size[i].astype(np.float64), max_candidates,
                     corridor_margin)
         for i in range(S)])
@@ -276,21 +291,25 @@ def build_agent_paths(
         ty=f32(tangent[..., 1].reshape(S, N, P)),
         heading=f32(np.remainder(heading + np.pi, 2 * np.pi).reshape(S, N, P) - np.pi),
         spacing=f32(step.reshape(S, N)),
-        length=f32((step * (P - 1)).reshape(S, N)),
+        length=f32(total.reshape(S, N)),
         log_length=f32(log_len.reshape(S, N)),
         step_arc=f32(step_arc.reshape(S, N, T)),
         v_max=f32(v_max.reshape(S, N)),
         controlled=torch.as_tensor(controlled, device=device),
-        candidates=torch.as_tensor(candidates, dtype=torch.long, device=device),
+        candidates=torch.as_tensor(candidates, dtype=torch.int32, device=device),
     )
 
 
-def _candidates(xy: np.ndarray, step: np.ndarray, pos: np.ndarray, valid: np.ndarray, controlled: np.ndarray,
-                size: np.ndarray, k: int, margin: float) -> np.ndarray:
+def _candidates(xy: np.ndarray, tangent: np.ndarray, step: np.ndarray, reach: np.ndarray, pos: np.ndarray,
+                valid: np.ndarray, controlled: np.ndarray, size: np.ndarray, k: int, margin: float) -> np.ndarray:
     """Broadphase of one scene: ``[N, k]`` agents whose paths pass near each agent's path (-1 pads).
 
-    ``xy [N, P, 2]`` resampled paths with spacing ``step [N]``; ``pos [N, T, 2]`` / ``valid [N, T]``
-    the log (same-step proximity ranks the pairs); ``size [N, 2]``."""
+    ``xy``, ``tangent [N, P, 2]`` resampled paths with spacing ``step [N]``, of which the first
+    ``reach [N]`` metres can ever be occupied (a parked agent's: none past its first point); ``pos [N, T, 2]`` /
+    ``valid [N, T]`` the log (same-step proximity ranks the pairs); ``size [N, 2]``. Agent m may
+    lead agent n where a vertex of m's path lies beside a vertex of n's path (within half a vertex
+    gap along it) at a lateral offset below n's half width + m's extent across n's path (from the
+    two paths' relative heading) + ``margin``: the corridor test of ``idm_step``, with slack."""
     from scipy.spatial import cKDTree
 
     N, P, _ = xy.shape
@@ -298,27 +317,32 @@ def _candidates(xy: np.ndarray, step: np.ndarray, pos: np.ndarray, valid: np.nda
     ids = np.flatnonzero(controlled)
     if len(ids) < 2:
         return out
-    # vertices about 2 m apart are enough: the slack below covers the gaps between them
+    # vertices about 2 m apart are enough: a box is at most half a gap from the nearest one
     stride = max(1, int(2.0 // max(float(step[ids].min()), 1e-6)))
-    pts = xy[ids][:, ::stride]                                                     # [n, Q, 2]
-    gap = step[ids] * stride
-    owner = np.repeat(np.arange(len(ids)), pts.shape[1])
-    half_w = 0.5 * size[ids, 1]
-    half_diag = 0.5 * np.hypot(size[ids, 0], size[ids, 1])
-    reach = half_w[:, None] + half_diag[None, :] + margin + 0.5 * (gap[:, None] + gap[None, :])  # [n, n]
-    pairs = cKDTree(pts.reshape(-1, 2)).query_pairs(float(reach.max()), output_type="ndarray")
-    a, b = owner[pairs[:, 0]], owner[pairs[:, 1]]
-    other = a != b
-    a, b = a[other], b[other]
-    d = np.linalg.norm(pts.reshape(-1, 2)[pairs[other, 0]] - pts.reshape(-1, 2)[pairs[other, 1]], axis=-1)
-    dmin = np.full((len(ids), len(ids)), np.inf)
-    np.minimum.at(dmin, (a, b), d)
-    np.minimum.at(dmin, (b, a), d)
-    near = dmin < reach                                                             # m may lead n
+    q = xy[ids][:, ::stride].shape[1]
+    used = (np.arange(q)[None] * (step[ids] * stride)[:, None]) <= reach[ids][:, None] + 1e-6  # [n, q]
+    pts, tan = xy[ids][:, ::stride][used], tangent[ids][:, ::stride][used]
+    owner = np.nonzero(used)[0]
+    gap = (step[ids] * stride)[owner]
+    half_l, half_w = 0.5 * size[ids, 0], 0.5 * size[ids, 1]
+    r = float(half_w.max() + 0.5 * np.hypot(size[ids, 0], size[ids, 1]).max() + margin + gap.max())
+    pairs = cKDTree(pts).query_pairs(r, output_type="ndarray")
+    pairs = pairs[owner[pairs[:, 0]] != owner[pairs[:, 1]]]
+    near = np.zeros((len(ids), len(ids)), bool)
+    for i, j in ((pairs[:, 0], pairs[:, 1]), (pairs[:, 1], pairs[:, 0])):  # vertex i on n's path, j on m's
+        n, m = owner[i], owner[j]
+        d = pts[j] - pts[i]
+        along = np.abs((d * tan[i]).sum(-1))
+        lat = np.abs(tan[i, 0] * d[:, 1] - tan[i, 1] * d[:, 0])
+        cos_d = np.abs((tan[i] * tan[j]).sum(-1))
+        sin_d = np.abs(tan[i, 0] * tan[j, 1] - tan[i, 1] * tan[j, 0])
+        across = half_l[m] * sin_d + half_w[m] * cos_d
+        hit = (along <= 0.5 * gap[i] + 0.1) & (lat < half_w[n] + across + margin)
+        near[n[hit], m[hit]] = True
     both = valid[ids][:, None] & valid[ids][None, :]                                # [n, n, T]
     same_step = np.linalg.norm(pos[ids][:, None] - pos[ids][None, :], axis=-1)
     rank = np.where(both, same_step, np.inf).min(-1)
-    rank = np.where(near, np.minimum(rank, 1e6) + 1e-3 * np.minimum(dmin, 1e3), np.inf)
+    rank = np.where(near, np.minimum(rank, 1e6), np.inf)
     order = np.argsort(rank, axis=1, kind="stable")[:, :k]
     chosen = np.where(np.isfinite(np.take_along_axis(rank, order, 1)), ids[order], -1)
     out[ids, : chosen.shape[1]] = chosen
@@ -344,7 +368,8 @@ class _Lookup:
         self.P = P
         self.cols = [a.reshape(-1) for a in (paths.x, paths.y, paths.tx, paths.ty)]
         self.heading = paths.heading.reshape(-1)
-        self.base = ((scene_idx[:, None] * N + torch.arange(N, device=scene_idx.device)[None]) * P)  # [B, N]
+        rows = scene_idx[:, None] * N + torch.arange(N, device=scene_idx.device)[None]
+        self.base = (rows * P).to(torch.int32)                                   # [B, N] (int32: less memory traffic)
         self.spacing = paths.spacing[scene_idx]                                                       # [B, N]
 
     def at(self, s: Tensor, heading: bool = False) -> tuple[Tensor, ...]:
@@ -354,7 +379,7 @@ class _Lookup:
         spacing = self.spacing.reshape(*s.shape[:2], *extra)
         u = (s / spacing).clamp(max=self.P - 1.001)
         j = torch.floor(u)
-        flat = (self.base.reshape(*self.base.shape, *extra) + j.long()).reshape(-1)
+        flat = (self.base.reshape(*self.base.shape, *extra) + j.to(torch.int32)).reshape(-1)
         x, y, tx, ty = (c.index_select(0, flat).reshape(s.shape) for c in self.cols)
         f = u - j
         along = f * spacing
@@ -443,7 +468,8 @@ def _leaders(
     half_l, half_w = 0.5 * length, 0.5 * width
     cand = paths.candidates[scene_idx]                                          # [B, N, K]
     K = cand.shape[2]
-    row = (torch.arange(B, device=cand.device)[:, None, None] * N + cand.clamp(min=0)).reshape(-1)
+    env_row = torch.arange(0, B * N, N, device=cand.device, dtype=torch.int32)[:, None, None]
+    row = (env_row + cand.clamp(min=0)).reshape(-1)
     pick = lambda a: a.reshape(-1).index_select(0, row).reshape(B, N, K)  # noqa: E731
     u = lambda a: a[..., None]  # noqa: E731
     s0, end = u(state.s), u(paths.length[scene_idx])
@@ -451,7 +477,7 @@ def _leaders(
     ok = (cand >= 0) & pick(state.active) & u(state.active)
     box = (pick(x), pick(y), pick(torch.cos(heading)), pick(torch.sin(heading)), pick(half_l), pick(half_w))
     gap, best, qtx, qty = _gap_on_path(look, s0, end, me, u(half_w), u(half_l), box, ok, params)
-    m = torch.gather(cand.clamp(min=0), 2, best[..., None])[..., 0]             # leader row [B, N]
+    m = torch.gather(cand.clamp(min=0), 2, best[..., None])[..., 0].long()      # leader row [B, N]
     at_m = lambda a: torch.gather(a, 1, m)  # noqa: E731
     v_lead = at_m(state.v) * (at_m(tx) * qtx + at_m(ty) * qty)
 

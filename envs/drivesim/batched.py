@@ -70,7 +70,7 @@ class DriveSimBatch:
         z = lambda *s, dt=torch.float32: torch.zeros(*s, dtype=dt, device=dev)  # noqa: E731
         N = self.st.agent_state.shape[1]
         self.scene, self.t, self.t_start, self.t_end = (z(B, dt=torch.long) for _ in range(4))
-        self.pose, self.speed = z(B, 3), z(B)
+        self.pose, self.speed, self.curvature = z(B, 3), z(B), z(B)
         self.prev = {k: z(B) for k in ("accel_lon", "accel_lat", "yaw_rate")}
         self.plan, self.tau = z(B, H + 1, 3), z(B)
         self.have_plan = z(B, dt=torch.bool)
@@ -156,6 +156,7 @@ class DriveSimBatch:
         self.hist[idx] = torch.cat([hp, hs[..., None], ha[..., None], hy[..., None]], -1)
         self.hist_valid[idx] = hv
         self.speed[idx] = hs[:, -1]
+        self.curvature[idx] = hy[:, -1] / hs[:, -1].clamp(min=1.0)
         self.prev["accel_lon"][idx] = ha[:, -1]
         self.prev["yaw_rate"][idx] = hy[:, -1]
         self.prev["accel_lat"][idx] = hs[:, -1] * hy[:, -1]
@@ -215,7 +216,7 @@ class DriveSimBatch:
         else:
             if actions.shape != (B, 2):
                 raise ValueError(f"actions must be [B={B}, 2] (acceleration, curvature), got {list(actions.shape)}")
-            clean, bad = dynamics.sanitize_tick_action(actions, self.cfg.invalid_action)
+            clean, bad = dynamics.sanitize_tick_action(actions, self.cfg.invalid_action, self.limits)
             self.tick_action = clean
             info["plan_deviation"] = torch.full((B,), float("nan"), device=self.device)
         info["invalid_action"] = bad
@@ -234,8 +235,9 @@ class DriveSimBatch:
             rows = torch.nonzero(live).squeeze(1)
             self.series[rows, self.ticks[rows]] = values[rows]
             self.ticks = self.ticks + live.long()
-            term = live & ((self.cfg.terminate_on_collision & (values[:, checks.METRIC_INDEX["collision_at_fault_tick"]] > 0))
-                           | (self.cfg.terminate_on_offroad & (values[:, checks.METRIC_INDEX["offroad"]] > 0)))
+            at_fault = values[:, checks.METRIC_INDEX["collision_at_fault_tick"]] > 0
+            offroad = values[:, checks.METRIC_INDEX["offroad"]] > 0
+            term = live & ((self.cfg.terminate_on_collision & at_fault) | (self.cfg.terminate_on_offroad & offroad))
             trunc = live & ~term & (self.t >= self.t_end)
             terminated |= term
             truncated |= trunc
@@ -272,13 +274,16 @@ class DriveSimBatch:
         cfg = self.cfg
         old_pose, old_speed = self.pose, self.speed
         if cfg.action_mode == "accel_curvature":
-            pose, speed, _, _ = dynamics.bicycle_step(old_pose, old_speed, self.tick_action[:, 0],
-                                                      self.tick_action[:, 1], DT, self.limits)
+            pose, speed, _, curv = dynamics.bicycle_step(old_pose, old_speed, self.tick_action[:, 0],
+                                                         self.tick_action[:, 1], DT, self.limits, self.curvature)
+            self.curvature = torch.where(live, curv, self.curvature)
         elif cfg.tracking == "perfect":
             pose, speed = dynamics.perfect_tracking(self.plan, self.tau + DT)
         else:
             accel, curv = dynamics.track(old_pose, old_speed, self.plan, self.tau, DT, self.limits, self.ctrl)
-            pose, speed, _, _ = dynamics.bicycle_step(old_pose, old_speed, accel, curv, DT, self.limits)
+            pose, speed, _, curv = dynamics.bicycle_step(old_pose, old_speed, accel, curv, DT, self.limits,
+                                                         self.curvature)
+            self.curvature = torch.where(live, curv, self.curvature)
         m = live[:, None]
         self.pose = torch.where(m, pose, old_pose)
         self.speed = torch.where(live, speed, old_speed)

@@ -130,7 +130,7 @@ def tick_metrics(
     kd = min(DIST_K, k)
     dist = geometry.box_distance(*(a[:, :1] for a in ego_args), *(a[:, :kd] for a in other_args))
     dist = torch.where(valid[:, :kd], dist, torch.full_like(dist, float("inf")))
-    dmin = dist.min(1).values if kd else torch.full((B,), float("inf"), device=pose.device)
+    dmin = dist.amin(1) if kd else torch.full((B,), float("inf"), device=pose.device)
     put("min_distance_to_obstacle_m", torch.where(torch.isfinite(dmin), dmin, torch.full_like(dmin, float("nan"))))
 
     # time to collision: exact for translating boxes, on the K agents with the smallest lower bound
@@ -149,21 +149,21 @@ def tick_metrics(
     )
     ok = torch.gather(valid_all & ~ignore, 1, soon)
     ttc = torch.where(ok, ttc, torch.full_like(ttc, TTC_HORIZON_S))
-    put("ttc_s", ttc.min(1).values if k else torch.full((B,), TTC_HORIZON_S, device=pose.device))
+    put("ttc_s", ttc.amin(1) if k else torch.full((B,), TTC_HORIZON_S, device=pose.device))
 
     # road: drivable area, road edges, lanes
     corners = geometry.box_corners(centre, yaw, length, width)                       # [B, 4, 2]
     sdf = raster.sample_sdf(st.sdf, st.sdf_origin, st.sdf_resolution, scene, corners)  # [B, 4]
     edge_idx = raster.lookup_cells(st.edge_cells, st.grid_origin, LANE_CELL_M, scene, centre)
-    crosses = raster.box_crosses_segments(corners, edge_idx, st.edges[scene])
-    put("offroad", (sdf.max(1).values > tolerance) | crosses)
-    put("min_distance_to_lane_boundary_m", (-sdf.max(1).values).clamp(min=0.0))
+    crosses = raster.box_crosses_segments(corners, edge_idx, st.edges, scene_idx=scene)
+    put("offroad", (sdf.amax(1) > tolerance) | crosses)
+    put("min_distance_to_lane_boundary_m", (-sdf.amax(1)).clamp(min=0.0))
     lane_idx = raster.lookup_cells(st.lane_cells, st.grid_origin, LANE_CELL_M, scene, centre)
     lane_seg = st.lanes[scene[:, None], lane_idx.clamp(min=0)]                         # [B, C, 5]
     d_lane, _ = geometry.point_segment_distance(centre[:, None], lane_seg[..., 0:2], lane_seg[..., 2:4])
     d_lane = torch.where(lane_idx >= 0, d_lane, torch.full_like(d_lane, float("inf")))
     # lanes are indexed within LANE_MARGIN_M of each cell: farther is reported as that cap
-    put("lane_center_distance_m", d_lane.min(1).values.clamp(max=LANE_MARGIN_M))
+    put("lane_center_distance_m", d_lane.amin(1).clamp(max=LANE_MARGIN_M))
     heading = torch.atan2(lane_seg[..., 3] - lane_seg[..., 1], lane_seg[..., 2] - lane_seg[..., 0])
     containing = d_lane < lane_seg[..., 4].clamp(min=0.5)
     opposite = geometry.wrap_angle(heading - yaw[:, None]).abs() > (2.0 * torch.pi / 3.0)

@@ -52,8 +52,9 @@ class VehicleLimits:
     """Largest lateral acceleration v²·|κ| (m/s²): |κ| is further limited to max_lat_accel / v²."""
     max_curvature_rate: float = 0.5
     """Largest change of curvature per second (1/m/s), applied when ``bicycle_step`` is given the
-    previous curvature. 0.5 lets the ego go from straight to the tightest turn in 0.4 s: a fast but
-    human steering rate (about 0.7 rad/s of road-wheel angle for a 2.8 m wheelbase at small angles)."""
+    previous curvature. 0.5 lets the ego go from straight to the tightest turn in 0.4 s, about
+    1.4 rad/s at the road wheels of a 2.8 m wheelbase: an evasive manoeuvre. Replays of logged
+    turns need at most ~0.35 (tests), so the limit only bites on erratic plans."""
     max_speed: float = 40.0
     """Top speed (m/s). There is no reverse: speed is clamped at 0."""
 

@@ -539,8 +539,9 @@ def junction_layout(rng: np.random.Generator, spec: LayoutSpec, arms: tuple[int,
     if signals:
         g, y, r = LightState.GO, LightState.CAUTION, LightState.STOP
         green = [float(rng.uniform(8.0, 16.0)) for _ in range(2)]
-        cycle = [(green[0], (g, r)), (3.0, (y, r)), (2.0, (r, r)),
-                 (green[1], (r, g)), (3.0, (r, y)), (2.0, (r, r))]
+        amber = 4.0             # ITE: 1 s + v / (2 x 3 m/s²) for urban speeds, rounded up
+        cycle = [(green[0], (g, r)), (amber, (y, r)), (2.0, (r, r)),
+                 (green[1], (r, g)), (amber, (r, y)), (2.0, (r, r))]
         offset_s = float(rng.uniform(0.0, sum(d for d, _ in cycle)))
     params = {"lanes_axis_a": n_ax[0], "lanes_axis_b": n_ax[1], "lane_width": w, "curb_radius": r_curb,
               "signalised": bool(signals), "crosswalks": bool(crosswalks), "connectors": n_conn,

@@ -2,21 +2,26 @@
 vectorised numpy simulation of drivers that produces the logged tracks.
 
 Drivers (the ego included) follow a route (a lane sequence from a source lane to a sink) with the
-rear axle on the route's centre line (smoothed over 4 m so yaw is continuous), and choose their
-acceleration with IDM (Treiber's Intelligent Driver Model) towards a desired speed capped by the
-curvature ahead. Leaders are found along the route: any vehicle whose rear (or, while it enters
-the route from a merging lane, its front) lies on a lane of the route ahead; vehicles on a junction
-lane that merges into the route are projected onto it by their distance to the merge point, those
-on a junction lane that forks off the route by their distance from the fork.
+rear axle on the route's centre line (smoothed over 4 m so yaw is continuous) and the box centre
+0.3 x length ahead. Every SIM_DT they choose an acceleration with IDM (Treiber's Intelligent Driver
+Model) towards a desired speed capped by the curvature ahead; the acceleration ramps linearly to
+the new value over the interval (jerk-limited, except for braking harder than comfortable), and the
+0.1 s log samples that ramp exactly.
 
-Junctions are arbitrated by reservations. Entering a junction lane that crosses another needs a
-reservation, granted only while no other vehicle holds a crossing lane;
-a lane of lower priority (higher ``rank``) also needs an accepted gap: no vehicle on a
-conflicting lane of higher priority is inside, or arriving within the driver's critical gap.
-Signals gate requests (green; amber only when the driver cannot stop comfortably) and withdraw
-reservations that can still be given up; a yielding driver's reservation is re-checked the same way
-until it enters. Without a reservation a driver stops at the line (the
-line is an IDM obstacle). Reservations are released when the rear bumper leaves the lane.
+Leaders are found along the route: any vehicle whose rear (or, while it enters the route from a
+merging lane, its front) lies on a lane of the route ahead; vehicles on a junction lane that merges
+into the route are projected onto it by their distance to the merge point, those on a junction lane
+that forks off the route by their distance from the fork.
+
+Junctions are arbitrated by reservations of junction lanes (connectors, merge zones). Entering a
+lane that crosses another needs a reservation, granted only while no other vehicle holds a crossing
+lane; a lane of lower priority (higher ``rank``) also needs an accepted gap: no vehicle bound for a
+conflicting lane of higher priority is inside it, or arrives within the driver's critical gap of
+the driver's own arrival. Signals gate requests (green; amber only for a moving driver that cannot
+stop comfortably) and withdraw reservations that can still be given up. Priority movements ask
+early (no needless braking); a yielding driver decides late, about a second before its last
+comfortable stopping point, and is then committed. Without a reservation a driver stops at the
+line (an IDM obstacle). Reservations are released when the rear bumper leaves the lane.
 """
 
 from __future__ import annotations
@@ -36,6 +41,16 @@ SMOOTH_M = 4.0
 REAR_FRACTION = 0.2
 """Rear bumper to rear axle, as a fraction of length (the box centre is 0.3 x length ahead)."""
 CENTER_FRACTION = 0.3
+"""Rear axle to box centre, as a fraction of length (DESIGN.md's default)."""
+SIM_DT = 0.3
+"""Drivers decide every 0.3 s; acceleration ramps linearly to each new decision over the interval,
+and the 0.1 s log samples that ramp exactly."""
+STOP_GAP = 1.0
+"""Drivers stop this far before a line (m)."""
+JERK_UP = 2.0
+"""Fastest rise of acceleration (m/s³)."""
+JERK_DOWN = 4.0
+"""Fastest fall of acceleration (m/s³) while braking no harder than comfortable."""
 LOOKAHEAD_M = 150.0
 """Leaders farther than this are ignored."""
 B_CURVE = 1.0
@@ -275,7 +290,8 @@ class TrafficSpec:
 def _place_ego(rng: np.random.Generator, road: RoadMap, routes: Routes, spec: TrafficSpec
                ) -> tuple[int, float, float, float, float]:
     """Route, position, length, width and desired speed of the ego: a car on a route long enough
-    for the whole log, starting 8-60 m before the layout's junction lane or curve when it has one."""
+    for the whole log, starting 8 m to about a third of its log's travel (at most 60 m) before the
+    layout's junction lane or curve when it has one."""
     n_r = len(routes.lanes)
     with_feature = [r for r in range(n_r) if np.isfinite(routes.jstart[r, 0])]
     order = list(rng.permutation(with_feature)) + list(rng.permutation(
@@ -293,7 +309,9 @@ def _place_ego(rng: np.random.Generator, road: RoadMap, routes: Routes, spec: Tr
             feature = curv[0] * DS
         else:
             feature = float(rng.uniform(60.0, max(routes.length[r] - need, 61.0)))
-        s = min(feature - float(rng.uniform(8.0, 60.0)), routes.length[r] - need)
+        # the feature comes in the first third of the log or so
+        back = float(rng.uniform(8.0, max(20.0, min(60.0, 0.35 * v0 * spec.num_steps * DT))))
+        s = min(feature - back, routes.length[r] - need)
         if s >= 5.0:
             return int(r), s, length, width, v0
     raise RuntimeError("no route is long enough for the ego")
@@ -349,17 +367,17 @@ def place_vehicles(rng: np.random.Generator, road: RoadMap, routes: Routes, conf
             count += 1
     idx = np.nonzero(keep[1:])[0]
     k = len(idx)
-    ego1 = np.ones(1)
+    one = np.ones(1)
     dr = Drivers(
         route=all_r[keep], s=all_s[keep], v=np.zeros(k + 1), length=all_l[keep], width=all_w[keep],
         kind=np.concatenate([[AgentType.VEHICLE],
                              np.where(cyclist[idx], AgentType.CYCLIST, AgentType.VEHICLE)]),
         v0=np.concatenate([[v0_e], v0[idx]]),
-        a=np.concatenate([1.5 * ego1, rng.uniform(1.0, 2.0, k)]),
-        b=np.concatenate([2.0 * ego1, rng.uniform(1.5, 2.5, k)]),
-        th=np.concatenate([1.5 * ego1, rng.uniform(1.0, 1.8, k)]),
-        s0=np.concatenate([2.5 * ego1, rng.uniform(2.0, 3.0, k)]),
-        gap=np.concatenate([4.0 * ego1, rng.uniform(3.0, 5.0, k)]),
+        a=np.concatenate([1.5 * one, rng.uniform(1.0, 2.0, k)]),
+        b=np.concatenate([2.0 * one, rng.uniform(1.5, 2.5, k)]),
+        th=np.concatenate([1.5 * one, rng.uniform(1.0, 1.8, k)]),
+        s0=np.concatenate([2.5 * one, rng.uniform(2.0, 3.0, k)]),
+        gap=np.concatenate([4.0 * one, rng.uniform(3.0, 5.0, k)]),
     )
     # initial speeds: a fraction of the desired speed, then no faster than the leader gap and the
     # next stop line allow
@@ -381,14 +399,6 @@ def place_vehicles(rng: np.random.Generator, road: RoadMap, routes: Routes, conf
     dr.v = np.where(acc < -0.8 * dr.b, 0.0, v)
     return dr
 
-
-SIM_DT = 0.3
-"""The driver model decides every 0.2 s; acceleration is constant in between, so the 0.1 s log
-samples are exact."""
-JERK_UP = 2.0
-"""Fastest rise of acceleration (m/s³)."""
-JERK_DOWN = 4.0
-"""Fastest fall of acceleration (m/s³) while braking no harder than comfortable."""
 
 
 class _Sim:
@@ -487,7 +497,10 @@ class _Sim:
         s_star = dr.s0 + np.maximum(0.0, v * dr.th + v * (v - v[j]) / self.sqrt_ab)
         acc = dr.a * (free - np.where(has, (s_star / np.maximum(g, 0.1)) ** 2, 0.0))
         if blocked is not None and d_line is not None and blocked.any():
-            s_line = dr.s0 + np.maximum(0.0, v * dr.th + v * v / self.sqrt_ab)
+            # a line is a standing obstacle with half the time headway (with all of it, IDM brakes
+            # far harder than drivers do for a line; with none, stops end abruptly) and a jam gap
+            # of STOP_GAP
+            s_line = STOP_GAP + v * (0.5 * dr.th) + v * v / self.sqrt_ab
             acc_line = dr.a * (free - (s_line / np.maximum(d_line, 0.1)) ** 2)
             acc = np.where(blocked, np.minimum(acc, acc_line), acc)
         return np.minimum(np.maximum(acc, -B_MAX), dr.a)
@@ -501,15 +514,17 @@ class _Sim:
         need = self.need_ext[jl] & active                       # jl = -1 reads the trailing False
         if not need.any():
             return need
-        stop_dist = v * v * (1 / 6.0)                           # comfortable stop at 3 m/s²
+        stop_dist = v * v * (1 / 5.0) + STOP_GAP               # room to stop at ~2.5 m/s²
         if self.signalised:
             light = self.lights_ext[self.signal_ext[jl], t]
             # withdraw reservations that can still be given up when the light is no longer green
-            res[(res >= 0) & (light != LightState.GO) & (d_line > stop_dist + 1.0)] = -1
-        # a yielding vehicle that has not entered yet and can still stop asks again every step
-        recheck = (res >= 0) & self.minor_ext[jl] & (d_line > stop_dist + 1.0)
-        res[recheck] = -1
-        want = need & (res != jl) & (d_line < v * v / (2 * self.dr.b) + v + 8.0) & (~has | (g > d_line - 0.5))
+            can_stop = (d_line > stop_dist) | ((v < 2.0) & (d_line > 0.0))
+            res[(res >= 0) & (light != LightState.GO) & can_stop] = -1
+        # ask early on a priority movement (no needless braking); a yielding one decides late,
+        # about a second before its last comfortable stopping point (or standing at the line), so
+        # the gap it accepts is still there when it arrives
+        reach = np.where(self.minor_ext[jl], stop_dist + v + 2.0, v * v / (2 * self.dr.b) + v + 8.0)
+        want = need & (res != jl) & (d_line < reach) & (~has | (g > d_line - 0.5))
         if want.any():
             for i in np.nonzero(want)[0][np.argsort(d_line[want], kind="stable")]:
                 self._request(int(i), int(jl[i]), t, d_line, v, stop_dist, active, jl)
@@ -521,7 +536,8 @@ class _Sim:
         sig = conf.signal[lane]
         if sig >= 0:
             state = self.lights_ext[sig, t]
-            if state == LightState.STOP or (state == LightState.CAUTION and d_line[i] > stop_dist[i]):
+            if state == LightState.STOP or (state == LightState.CAUTION and (d_line[i] > stop_dist[i]
+                                                                             or v[i] < 2.0)):
                 return
         held = res[(res >= 0) & (self.ar != i)]
         if conf.cross[lane, held].any():
@@ -551,6 +567,19 @@ class Tracks:
     s: np.ndarray          # [N, T] rear-axle route position of vehicles
 
 
+def _stop_time(v: np.ndarray, a0: np.ndarray, a1: np.ndarray) -> np.ndarray:
+    """First time ``τ`` in ``[0, SIM_DT]`` where ``v + a0 τ + (a1 - a0) τ² / (2 SIM_DT)`` reaches 0
+    (SIM_DT where it does not)."""
+    q = (a1 - a0) / (2 * SIM_DT)
+    disc = np.sqrt(np.maximum(a0 * a0 - 4 * q * v, 0.0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        roots = np.stack([(-a0 - disc) / (2 * q), (-a0 + disc) / (2 * q),
+                          np.where(a0 < 0, -v / a0, np.inf)])
+    roots = np.where(np.abs(q) < 1e-9, roots[2], roots)
+    roots = np.where((roots >= 0) & (roots <= SIM_DT + 1e-9), roots, np.inf).min(0)
+    return np.where(np.isfinite(roots), roots, SIM_DT)
+
+
 def simulate(road: RoadMap, routes: Routes, conf: Conflicts, dr: Drivers, num_steps: int) -> Tracks:
     """Run the drivers every SIM_DT and sample the log every DT (constant acceleration between)."""
     n = len(dr.route)
@@ -567,6 +596,9 @@ def simulate(road: RoadMap, routes: Routes, conf: Conflicts, dr: Drivers, num_st
     V = np.zeros((n, k_max))
     A = np.zeros((n, k_max))
     act = np.zeros((n, k_max), dtype=bool)
+    # acceleration ramps linearly within each interval from the previous command (P) to the new
+    # one (A): it is continuous, and its rate of change is the jerk limiter's
+    P = np.zeros((n, k_max))
     prev = np.zeros(n)
     for k in range(k_max):
         gone = active & (s >= end)
@@ -580,23 +612,26 @@ def simulate(road: RoadMap, routes: Routes, conf: Conflicts, dr: Drivers, num_st
         urgent = want < -dr.b
         if urgent.any():
             acc = np.where(urgent, np.minimum(acc, want), acc)
-        A[:, k] = acc
-        v_new = v + acc * SIM_DT
-        s_new = s + (v + 0.5 * SIM_DT * acc) * SIM_DT
+        A[:, k], P[:, k] = acc, prev
+        v_new = v + 0.5 * (prev + acc) * SIM_DT
+        s_new = s + v * SIM_DT + (2 * prev + acc) / 6 * SIM_DT ** 2
         stops = v_new < 0.0
-        if stops.any():                     # braking to a stop within the interval: stop there
-            s_new = np.where(stops, s + v * v / (2 * np.maximum(-acc, 1e-9)), s_new)
+        if stops.any():                     # comes to rest within the interval: stop there
+            tau = _stop_time(v, prev, acc)
+            s_stop = s + v * tau + prev / 2 * tau ** 2 + (acc - prev) / (6 * SIM_DT) * tau ** 3
+            s_new = np.where(stops, s_stop, s_new)
             v_new = np.maximum(v_new, 0.0)
         s, v = s_new, v_new                 # (inactive vehicles move on unseen)
         prev = np.where(v > 0.0, acc, np.maximum(acc, 0.0))          # a stopped car does not brake
-    # the log at DT: state at the start of the interval advanced by the constant acceleration
+    # the log at DT: the state at the start of the interval advanced along the ramp; a vehicle that
+    # stops inside an interval stays where it stopped (the running maximum of s)
     t = np.arange(num_steps)
     kk, frac = t // sub, (t % sub) * DT
-    a = A[:, kk]
-    v_k = V[:, kk]
-    tau = np.where(a < 0.0, np.minimum(frac, v_k / np.maximum(-a, 1e-9)), frac)
-    s_log = S[:, kk] + v_k * tau + 0.5 * a * tau * tau
-    v_log = np.maximum(v_k + a * frac, 0.0)
+    a0, a1, v_k = P[:, kk], A[:, kk], V[:, kk]
+    ramp = (a1 - a0) / SIM_DT
+    s_raw = S[:, kk] + v_k * frac + a0 / 2 * frac ** 2 + ramp / 6 * frac ** 3
+    s_log = np.maximum.accumulate(s_raw, axis=1)
+    v_log = np.where(s_raw < s_log - 1e-9, 0.0, np.maximum(v_k + a0 * frac + ramp / 2 * frac ** 2, 0.0))
     valid = act[:, kk]
     # poses: rear axle on the smoothed route, box centre CENTER_FRACTION * length ahead
     f = np.minimum(np.maximum(s_log / DS, 0.0), routes.xy.shape[1] - 1.001)

@@ -148,6 +148,6 @@ def bev(st: SceneTensors, scene: torch.Tensor, pose: torch.Tensor, agent_state: 
     occupied = (inside & agent_valid[:, None, 1:]).any(-1).float()
     d_route = torch.cdist(local.expand(pose.shape[0], -1, -1), route_xy[..., :2])
     d_route = torch.where(route_mask[:, None, :], d_route, torch.full_like(d_route, float("inf")))
-    on_route = (d_route.min(-1).values < 1.5).float()
+    on_route = (d_route.amin(-1) < 1.5).float()
     out = torch.stack([drivable, occupied, on_route], 1).reshape(-1, 3, n, n)
     return out, torch.ones(out.shape[:2], dtype=torch.bool, device=out.device)

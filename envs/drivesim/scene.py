@@ -280,7 +280,8 @@ class Scene:
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, **self.to_arrays())
+                np.savez(f, **self.to_arrays())  # type: ignore[arg-type]
+            os.chmod(tmp, 0o644)  # mkstemp makes 0600; scene sets are shared and pushed to the Hub
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -298,7 +299,8 @@ class Scene:
 
 
 # ---- scene sets --------------------------------------------------------------------------------
-def _index_entry(scene: Scene, file: str) -> dict:
+def index_entry(scene: Scene, file: str) -> dict:
+    """The ``index.json`` entry describing ``scene`` stored at ``file`` (relative to the set)."""
     ego = scene.agent_state[scene.ego_index, :, :2][scene.agent_valid[scene.ego_index]]
     path_len = float(np.linalg.norm(np.diff(ego, axis=0), axis=1).sum()) if len(ego) > 1 else 0.0
     return {
@@ -392,7 +394,7 @@ class SceneSet:
             scene.validate()
             file = f"scenes/{scene_file_name(scene.scene_id)}.npz"
             scene.save(root / file)
-            entry = _index_entry(scene, file)
+            entry = index_entry(scene, file)
             if scene.scene_id in by_id:
                 entries[by_id[scene.scene_id]] = entry
             else:
@@ -404,3 +406,6 @@ class SceneSet:
     @classmethod
     def add_entries(cls, root: str | os.PathLike, scenes: Iterable[Scene]) -> SceneSet:
         return cls.create(root, scenes, append=True)
+
+
+_index_entry = index_entry  # kept for importers written against the earlier name

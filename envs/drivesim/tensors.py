@@ -247,7 +247,7 @@ class SceneTensors:
             from envs.drivesim import agents
 
             tensors.agent_paths = agents.build_agent_paths(
-                tensors.agent_state, tensors.agent_valid)
+                tensors.agent_state, tensors.agent_valid, tensors.agent_size)
         return tensors
 
 

@@ -57,7 +57,7 @@ def test_bc_loss_is_the_nll_plus_anchor_cross_entropy(make_driving):
     torch.testing.assert_close(bc_loss(policy, batch, 0.5), nll + 0.5 * ce)
 
 
-def test_behaviour_cloning_beats_constant_velocity(make_driving):
+def test_behaviour_cloning_beats_constant_velocity(make_driving, one_thread):
     """The synthetic expert turns with the route and accelerates as its history says: constant
     velocity misses both, a cloned policy learns them."""
     torch.manual_seed(0)

@@ -56,7 +56,7 @@ def test_config_hash_ignores_where_and_how_it_runs():
     assert pt.config_hash(a) == pt.config_hash(b) != pt.config_hash(c)
 
 
-def test_pretrain_runs_caches_and_loads(tmp_path, monkeypatch):
+def test_pretrain_runs_caches_and_loads(tmp_path, monkeypatch, one_thread):
     cfg = pt.compose_config([*SMALL, f"run_dir={tmp_path}"])
     ckpt = pt.pretrain(cfg)
     assert ckpt.name == "checkpoint" and ckpt.parent.name == f"pretrain-{pt.config_hash(cfg)}"
@@ -103,3 +103,37 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             pt.resolve_device("cuda")
+
+
+def test_perturbed_replay_bends_the_log_sideways():
+    gt = torch.zeros(2, 64, 3)
+    gt[:, :, 0] = torch.arange(1, 65) * 1.0  # 10 m/s straight ahead
+    obs = {"gt_trajectory": gt, "gt_trajectory_mask": torch.ones(2, 64, dtype=torch.bool)}
+    plan = pt.perturbed_replay(obs, 20, torch.tensor([0.0, 1.0]), torch.tensor([1.0, 1.2]))
+    assert torch.equal(plan[0], gt[0, :20])  # no perturbation: the log itself
+    torch.testing.assert_close(plan[1, :, 0], 1.2 * gt[1, :20, 0])
+    assert float(plan[1, 0, 1]) == pytest.approx(0.028, abs=1e-3)  # smoothstep(0.1) of 1 m
+    ramp = pt.PERTURB_RAMP_STEPS
+    torch.testing.assert_close(plan[1, ramp - 1 :, 1], torch.ones(20 - ramp + 1))
+    assert float(plan[1, 4, 2]) > 0 and float(plan[1, -1, 2]) == pytest.approx(0.0, abs=1e-6)  # yaw follows
+
+
+def test_collect_samples_with_perturbed_decisions(tmp_path):
+    from envs.drivesim.generate import small_scene_set
+
+    scenes = small_scene_set(tmp_path / "s", n=1).load_many()
+    pairs = pt.start_pairs(scenes, 17, 2, 20, stride=10)
+    plain = pt.collect_samples(scenes, pairs, {"warmup_ticks": 17}, ("ego_history", "route"), 20)
+    assert len(plain["target"]) == len(pairs)
+    assert set(plain) == {"ego_history", "ego_history_mask", "route", "route_mask", "target", "target_mask"}
+    # the targets are the logged futures: they start where the ego is (the origin), heading along x
+    assert float(plain["target"][:, 0, :2].norm(dim=-1).max()) < 3.0
+    more = pt.collect_samples(scenes, pairs, {"warmup_ticks": 17}, ("ego_history", "route"), 20,
+                              perturb_decisions=3, perturb_lateral_m=1.0, seed=0)
+    assert len(pairs) < len(more["target"]) <= 4 * len(pairs)
+    assert bool(more["target_mask"].all())
+    # off the log, the targets lead back to it: some now start sideways
+    assert float(more["target"][:, 3, 1].abs().max()) > 0.2
+    again = pt.collect_samples(scenes, pairs, {"warmup_ticks": 17}, ("ego_history", "route"), 20,
+                               perturb_decisions=3, perturb_lateral_m=1.0, seed=0)
+    assert torch.equal(again["target"], more["target"])  # seeded

@@ -6,6 +6,7 @@ from torch import distributions as D
 
 from alpagym_ray.policy import ActionSpec, Policy
 from learners.anchors import control_points_of
+from learners.priors import route_control
 from learners.trajectory_policy import (
     ROUTE_KEYS,
     TrajectoryPolicy,
@@ -190,11 +191,11 @@ def test_fit_anchors_sets_kmeans_centres(make_driving):
     assert torch.equal(policy.closest_anchor(data, data["target"]), nearest)
 
 
-def test_constant_velocity_prior_centres_the_mixture(make_obs):
+def test_priors_centre_the_mixture(make_obs):
     obs = make_obs(4, ROUTE_KEYS, mask_prob=1.0)
     obs["ego_history"][:, -1, 4] = torch.tensor([0.0, 5.0, 10.0, 20.0])  # speed
     obs["ego_history"][:, -1, 6] = 0.0  # yaw rate
-    policy = tiny(obs_keys=ROUTE_KEYS, num_anchors=1)
+    policy = tiny(obs_keys=ROUTE_KEYS, num_anchors=1, prior="constant_velocity")
     with torch.no_grad():
         policy.anchors.zero_()
     mean = policy.distribution(obs).mean[:, 0]  # [B, C, 2]; the head starts near zero offsets
@@ -202,8 +203,12 @@ def test_constant_velocity_prior_centres_the_mixture(make_obs):
     torch.testing.assert_close(mean[..., 0], obs["ego_history"][:, -1, 4:5] * t, atol=0.05, rtol=0)
     none = tiny(obs_keys=ROUTE_KEYS, num_anchors=1, prior="none")
     assert torch.equal(none.prior_control(obs), torch.zeros(4, len(none.steps), 2))
-    with pytest.raises(ValueError, match="reads ego_history"):
+    with pytest.raises(ValueError, match=r"prior='route' reads \['ego_history'\]"):
         TrajectoryPolicyConfig(obs_keys=("route",))
+    assert TrajectoryPolicyConfig(obs_keys=("route",), prior="none").prior == "none"
+    route = tiny(obs_keys=ROUTE_KEYS, num_anchors=1)
+    assert route.config.prior == "route"
+    torch.testing.assert_close(route.prior_control(obs), route_control(obs, route.steps))
 
 
 def test_build_policy_from_hydra_kwargs():
@@ -244,3 +249,20 @@ def test_act_on_cuda_matches_cpu_deterministic(make_obs):
     torch.testing.assert_close(lp_gpu.cpu(), lp_cpu, atol=1e-3, rtol=1e-4)
     sampled, logp, _ = gpu.act(obs_gpu, torch.Generator(device="cuda").manual_seed(0))
     assert sampled.is_cuda and torch.equal(gpu.log_prob(obs_gpu, sampled), logp)
+
+
+def test_deterministic_modes(make_obs):
+    policy = tiny(obs_keys=ROUTE_KEYS, num_anchors=4)
+    obs = make_obs(3, ROUTE_KEYS)
+    dist = policy.distribution(obs)
+    top, _, extras = policy.act(obs, deterministic=True)
+    k = dist.logits.argmax(-1)
+    assert torch.equal(extras["anchor"], k)
+    assert torch.equal(control_points_of(top, policy.steps), dist.mean[torch.arange(3), k])
+    policy.deterministic_mode = "mean"
+    mean, logp, _ = policy.act(obs, deterministic=True)
+    expected = (dist.logits.softmax(-1)[..., None, None] * dist.mean).sum(1)
+    torch.testing.assert_close(control_points_of(mean, policy.steps), expected)
+    assert torch.equal(policy.log_prob(obs, mean), logp)
+    with pytest.raises(ValueError, match="deterministic_mode"):
+        TrajectoryPolicyConfig(deterministic_mode="median")

@@ -129,11 +129,15 @@ def test_jittering_stationary_agent_has_no_path():
 
 
 def test_candidates_are_agents_whose_paths_come_close():
-    state, valid, size = scene(line(0, 10, 100), line(20, 10, 100), line(0, 10, 100, y=50.0), line(60, 5, 100))
+    state, valid, size = scene(line(0, 10, 100), line(20, 10, 100), line(0, 10, 100, y=-50.0), line(60, 5, 100),
+                               line(10, 10, 100, y=3.7), line(80, 5, 100, y=-10.0, heading=math.pi / 2))
     paths = build_agent_paths(state, valid, size)
     cand = [set(row) - {-1} for row in paths.candidates[0].tolist()]
-    assert cand[1] == {3} and cand[3] == {1}        # same road; the ego's row is never a candidate
+    assert cand[1] == {3, 5} and cand[3] == {1, 5}  # same road + a crossing; never the ego's row
     assert cand[2] == set()                          # 50 m away
+    assert cand[4] == {5}                            # the next lane (3.7 m) is not on the road
+    assert cand[5] == {1, 3, 4}                      # the crossing agent crosses both lanes
+    assert paths.candidates.shape[2] == 3            # only as many columns as some agent needs
     with pytest.raises(ValueError, match="agent_size"):
         build_agent_paths(state, valid, size[:, :2])
 
@@ -159,7 +163,7 @@ def test_idm_params_are_checked():
 
 
 def test_follower_behind_slower_leader_settles_at_a_safe_gap():
-    steps = 300
+    steps = 400                                                     # the logs outlast the 25 s run
     state, valid, size = scene(line(0, 0, steps, y=300.0), line(60.0, 5.0, steps), line(0.0, 15.0, steps))
     out, ok, v = simulate(state, valid, size, 250)
     gap = bumper_gap(out[:, 0], back=2, front=1)
@@ -212,6 +216,18 @@ def test_parked_agent_stays_put_and_the_ego_row_is_log_replay():
     assert torch.allclose(out[:, 0, 0], state[0, 0, 1:151])         # ego row: the log
     # and the moving agent stops behind the parked one
     assert (30.0 - out[:, 0, 2, 0] - CAR[0]).min() > 1.0
+
+
+def test_agent_stops_for_a_car_standing_across_its_path():
+    steps = 250
+    across = line(60.0, 0.0, steps, y=0.0, heading=math.pi / 2)      # 4.5 m long across the lane
+    state, valid, size = scene(line(0, 0, steps, y=300.0), across, line(0.0, 10.0, steps))
+    out, _, v = simulate(state, valid, size, 200)
+    # bumper to side: centre distance - own half length - the crossing car's half width
+    gap = 60.0 - out[:, 0, 2, 0] - 0.5 * CAR[0] - 0.5 * CAR[1]
+    assert gap.min() > 1.0
+    assert gap[-1].item() == pytest.approx(PARAMS.min_gap, abs=0.5)
+    assert v[-1, 0, 2].item() < 0.05
 
 
 def test_agents_appear_and_disappear_as_in_the_log():
