@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 import torch
+from ray import train as ray_train
 
 from alpagym_ray import columns as C
 from alpagym_ray.targets import import_target, instantiate
@@ -131,7 +132,7 @@ def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (one per learner rank)."""
     from learners.grpo import GRPOConfig
 
-    ctx = ray.train.get_context()
+    ctx = ray_train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config.get("torch_threads", 1))
@@ -150,7 +151,7 @@ def train_loop_per_worker(config: dict) -> None:
         for p in reference.parameters():
             p.requires_grad_(False)
     start_iteration = 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray_train.get_checkpoint()
     resume_dir = config.get("resume_checkpoint")
     restored = False
     if checkpoint is not None or resume_dir:
@@ -214,12 +215,12 @@ def train_loop_per_worker(config: dict) -> None:
             ckpt_tools.save_checkpoint(policy, tmp, policy_version=version, optimizer=optimizer,
                                        trainer_state={"iteration": it, "version": version},
                                        provenance={"algorithm": "grpo", "iteration": it})
-            report_ckpt = ray.train.Checkpoint.from_directory(tmp)
+            report_ckpt = ray_train.Checkpoint.from_directory(tmp)
         scalar = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         scalar.update({f"buffer/{k}": v for k, v in shard["stats"].items() if isinstance(v, int | float)})
         if checkpoint_now:
-            ray.train.report(scalar, checkpoint=report_ckpt)
-        if rank == 0 and report_ckpt is not None:
+            ray_train.report(scalar, checkpoint=report_ckpt)
+        if rank == 0 and report_ckpt is not None and tmp is not None:
             import shutil
 
             shutil.copytree(tmp, run_dir / "checkpoints" / f"version_{version:06d}", dirs_exist_ok=True)

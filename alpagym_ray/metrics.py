@@ -135,7 +135,7 @@ def tick_mask(
     if cut_after_failure:
         fail = ((collision_any > 0.5) | (offroad > 0.5)) & keep
         # failures strictly before t: cumulative count shifted by one tick
-        before = np.cumsum(fail, axis=-1) - fail
+        before: np.ndarray = np.cumsum(fail, axis=-1) - fail
         keep = keep & (before == 0)
     return keep
 

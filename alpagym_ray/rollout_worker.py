@@ -150,6 +150,7 @@ class RolloutWorker:
         rec: dict[str, list] = {"alive": [], "obs": [], "action": [], "logp": [], "version": [], "pose": []}
         series: list[dict | None] = [None] * n
         ep_metrics: list[dict | None] = [None] * n
+        dec_maps: list[np.ndarray | None] = [None] * n  # tick -> decision, when the env knows it (AlpaSim)
         ticks = 0
         record = (self.video_every > 0 and self.video_dir is not None and self.version >= 0
                   and self.version % self.video_every == 0 and self.version != self.last_video_version)
@@ -173,15 +174,18 @@ class RolloutWorker:
             for i in np.nonzero(ended)[0]:
                 series[i] = info["episode_series"][i]
                 ep_metrics[i] = {k: float(v[i]) for k, v in info["episode_metrics"].items()}
+                if "episode_decision_of_tick" in info:
+                    dec_maps[i] = np.asarray(info["episode_decision_of_tick"][i])
             alive &= ~ended
         if record and frames:
             self.last_video_version = self.version
             self._write_video(frames, f"v{self.version:05d}_{requests[0].group_id}.mp4")
-        return self._to_arrow(requests, rec, series, ep_metrics, ticks, time.perf_counter() - t_start)
+        return self._to_arrow(requests, rec, series, ep_metrics, dec_maps, ticks, time.perf_counter() - t_start)
 
-    def _write_video(self, frames: list[np.ndarray], name: str) -> None:
+    def _write_video(self, frames: list[Any], name: str) -> None:
         import imageio.v2 as imageio
 
+        assert self.video_dir is not None  # checked by the caller
         os.makedirs(self.video_dir, exist_ok=True)
         fps = max(1, 10 // self.env.decision_every)
         try:
@@ -192,7 +196,7 @@ class RolloutWorker:
     def _obs_columns(self) -> list[str]:
         return [c for k in self.policy.obs_keys for c in (k, mask_key(k))]
 
-    def _to_arrow(self, requests, rec, series, ep_metrics, ticks, wall_s):
+    def _to_arrow(self, requests, rec, series, ep_metrics, dec_maps, ticks, wall_s):
         G = self.group_size
         alive = np.stack(rec["alive"], 1)                     # [n, D]
         versions = np.asarray(rec["version"], dtype=np.int64)  # [D]
@@ -204,8 +208,9 @@ class RolloutWorker:
                 i = g * G + j
                 decisions = np.nonzero(alive[i])[0]
                 D = len(decisions)
-                result = self.reward_fn.evaluate(series[i], np.arange(len(series[i]["eval_relevant"][0]))
-                                                 // self.env.decision_every, D)
+                dec_of_tick = dec_maps[i] if dec_maps[i] is not None else (
+                    np.arange(len(series[i]["eval_relevant"][0])) // self.env.decision_every)
+                result = self.reward_fn.evaluate(series[i], dec_of_tick, D)
                 ep_id = f"{req.group_id}/{j}"
                 rows_env += [i] * D
                 rows_dec += decisions.tolist()

@@ -20,6 +20,11 @@ env, policy and reward of ``alpagym_ray/conf/train.yaml`` (plus ``--override``s)
 Env-steps count ticks under policy control (warm-up replay excluded), as the buffer counts them. The
 rate over a window is (env-steps completed between the first and the last completion in the window)
 / (time between them), the same estimator for both sides, after ``--warmup`` seconds.
+
+Reported: ``efficiency`` = Ray env-steps/s / without-Ray env-steps/s (median over ``--repeats``
+alternating rounds); ``cpu_efficiency``, the same ratio of env-steps per CPU-second of each side's
+whole process tree (Ray's daemons and actors included), which a busy shared machine disturbs less
+than wall-clock rates; ``worker_pull_fraction``, the share of a Ray worker's time in ``pull_if_newer``.
 """
 
 from __future__ import annotations
@@ -210,6 +215,11 @@ def measure_local(cfg: dict, flat: np.ndarray, args: dict, processes: int) -> di
 
 
 # ---- through Ray -----------------------------------------------------------------------------------
+def _pull_seconds(worker: RolloutWorker) -> float:
+    """Runs inside a rollout-worker actor (``__ray_call__``): its time spent in ``pull_if_newer``."""
+    return worker.pull_s
+
+
 def measure_ray(cfg: dict, flat: np.ndarray, args: dict, run_dir: str) -> dict:
     import ray
 
@@ -238,22 +248,28 @@ def measure_ray(cfg: dict, flat: np.ndarray, args: dict, run_dir: str) -> dict:
         ray.get(buffer.start.remote(0, 0))  # the learner's part, then it stays paused
         t0 = t_start + args["warmup"]
         deadline = t0 + args["seconds"]
-        events, last, cpu0 = [], 0, None
+        events, last, cpu0, pulls0 = [], 0, None, []
         while time.monotonic() < deadline:
             if cpu0 is None and time.monotonic() >= t0:
                 cpu0, t_cpu0 = tree_cpu_seconds(), time.monotonic()
+                # seconds each worker has spent in pull_if_newer (runs between its calls: not awaited here)
+                pulls0 = [w.__ray_call__.remote(_pull_seconds) for w in workers]
             stats = ray.get(buffer.stats.remote())
             if stats["env_steps"] != last:
                 events.append((time.monotonic(), stats["env_steps"] - last))
                 last = stats["env_steps"]
             time.sleep(0.1)
         cpu_s, cpu_window = cpu_between(cpu0 or {}, tree_cpu_seconds()), time.monotonic() - t_cpu0
+        pulls1 = ray.get([w.__ray_call__.remote(_pull_seconds) for w in workers], timeout=600)
+        pull_s = [b - a for a, b in zip(ray.get(pulls0), pulls1, strict=True)]
         stats = ray.get(buffer.stats.remote())
         errors = ray.get(buffer.last_errors.remote())
         if stats["failed_groups"] or stats["events"].get("worker_failures"):
             raise RuntimeError(f"groups failed during the measurement: {stats['events']} {errors}")
         result = add_cpu(rate(events, t0, t0 + args["seconds"]), cpu_s, cpu_window)
         result["buffer"] = {k: stats[k] for k in ("produced", "held", "accounting_ok", "env_steps")}
+        # share of a worker's time spent asking the broadcaster for newer weights (a call per decision)
+        result["worker_pull_fraction"] = statistics.mean(pull_s) / cpu_window
         for actor in [*workers, buffer, broadcaster]:
             ray.kill(actor)
         return result

@@ -14,7 +14,9 @@ Usage: ``alpagym-ray pretrain [key=value ...]`` (Hydra overrides of ``alpagym_ra
    ``<run_dir>/pretrain-<config hash>/checkpoint``.
 
 :func:`pretrain` is what ``alpagym-ray train`` calls when it has no starting checkpoint: a run with
-the same config (``run_dir``, ``device`` and ``progress`` aside) is found and reused, not retrained.
+the same config (``run_dir``, ``device`` and ``progress`` aside, and the same scene-set index) is
+found and reused, not retrained. The key is the config, not the code: after changing the policy's
+code, use a fresh ``run_dir`` (or delete the cached ``pretrain-<hash>``).
 """
 
 from __future__ import annotations
@@ -266,6 +268,10 @@ def pretrain(cfg: Any, run_dir: str | os.PathLike | None = None, progress: bool 
                             perturb_lateral_m=float(data.get("perturb_lateral_m", 0.0)),
                             seed=int(plain["seed"]))
     collect_s = time.perf_counter() - t0
+    for name, part in (("training", train), ("held-out", val)):
+        if len(part["target"]) == 0:
+            raise ValueError(f"the {name} scenes gave no sample with {horizon} logged future steps after the "
+                             f"{warmup}-tick warm-up; use longer scenes, more scenes or a shorter horizon")
     from_checkpoint = bool((plain["policy"].get("model") or {}).get("path"))
     if hasattr(policy, "fit_anchors") and not from_checkpoint:
         policy.fit_anchors(train, seed=int(plain["seed"]))

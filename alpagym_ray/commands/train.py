@@ -60,7 +60,7 @@ def starting_checkpoint(cfg: Any, scenes_path: str, run_dir: Path) -> str | None
     pcfg = compose_config(overrides, "pretrain")
     OmegaConf.set_struct(pcfg, False)
     pcfg.policy = OmegaConf.create(OmegaConf.to_container(cfg.policy, resolve=True))
-    pcfg.env.agents = cfg.env.config.agents
+    pcfg.env.agents = cfg.env.config.get("agents", "log")
     print(f"no policy.model.path: pre-training {cfg.policy._target_} (size={cfg.policy.get('size')}) open-loop "
           "first (cached)", flush=True)
     ckpt = pretrain(pcfg, progress=False)

@@ -25,12 +25,12 @@ def test_truncated_importance_weight_caps_at_two():
     assert w.tolist() == pytest.approx([1.0, 0.5, 2.0])
 
 
-def one_row(ratio: float, adv: float, cfg=GRPOConfig(), behavior_ratio: float = 1.0):
+def one_row(ratio: float, adv: float, cfg: GRPOConfig | None = None, behavior_ratio: float = 1.0):
     """Loss of one row with π_θ/π_old = ratio and π_old/π_behavior = behavior_ratio."""
     logp_old = torch.tensor([0.0])
     logp = torch.tensor([math.log(ratio)], requires_grad=True)
     logp_b = torch.tensor([-math.log(behavior_ratio)])
-    loss, stats = grpo_loss(logp, logp_old, logp_b, torch.tensor([adv]), 1, cfg)
+    loss, stats = grpo_loss(logp, logp_old, logp_b, torch.tensor([adv]), 1, cfg or GRPOConfig())
     loss.backward()
     return float(loss), float(logp.grad), stats
 
