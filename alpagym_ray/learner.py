@@ -90,12 +90,19 @@ def pa_concat(batches):
     return pa.Table.from_batches(batches).combine_chunks()
 
 
+def _rows(mb: dict, sl: slice) -> tuple[dict, dict]:
+    """Rows ``sl`` of a minibatch: (observation dict, the other per-row tensors)."""
+    return {k: v[sl] for k, v in mb["obs"].items()}, {k: v[sl] for k, v in mb.items() if k != "obs"}
+
+
 def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[int], grpo, epochs: int,
-                max_grad_norm: float, world: int = 1) -> dict[str, float]:
+                max_grad_norm: float, world: int = 1, micro_batch_rows: int = 4096) -> dict[str, float]:
     """``epochs`` passes over the minibatches of one iteration; mean stats over the updates.
 
     Each minibatch dict holds ``obs``, ``action``, ``logp_old``, ``logp_behavior``, ``advantage``
-    (and ``logp_ref``); ``global_rows[m]`` is minibatch m's decision rows summed over all ranks."""
+    (and ``logp_ref``); ``global_rows[m]`` is minibatch m's decision rows summed over all ranks.
+    A minibatch is processed in micro-batches of ``micro_batch_rows`` rows whose gradients add up
+    (each micro-batch loss already carries 1 / global rows), so memory stays bounded on any batch."""
     from learners.grpo import grpo_loss
 
     agg: dict[str, float] = {}
@@ -103,19 +110,42 @@ def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[in
     for _ in range(epochs):
         for m, mb in enumerate(mbs):
             optimizer.zero_grad(set_to_none=False)
-            logp = policy.log_prob(mb["obs"], mb["action"])
-            loss, stats = grpo_loss(logp, mb["logp_old"], mb["logp_behavior"], mb["advantage"],
-                                    global_rows[m], grpo, mb.get("logp_ref"))
-            loss.backward()
+            rows = int(mb["action"].shape[0])
+            stats_sum: dict[str, float] = {}
+            loss_sum = 0.0
+            for start in range(0, rows, micro_batch_rows):
+                obs, t = _rows(mb, slice(start, start + micro_batch_rows))
+                logp = policy.log_prob(obs, t["action"])
+                loss, stats = grpo_loss(logp, t["logp_old"], t["logp_behavior"], t["advantage"],
+                                        global_rows[m], grpo, t.get("logp_ref"))
+                loss.backward()
+                loss_sum += float(loss.detach())
+                k = int(t["action"].shape[0])
+                for name, v in stats.items():  # per-row means -> sums, averaged below
+                    if name == "is_weight_max":
+                        stats_sum[name] = max(stats_sum.get(name, 0.0), float(v))
+                    else:
+                        stats_sum[name] = stats_sum.get(name, 0.0) + float(v) * k
             _allreduce_grads(params)  # sum over ranks: the loss already divides by the global rows
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             n += 1
-            for k, v in stats.items():
-                agg[k] = agg.get(k, 0.0) + float(v)
-            agg["loss"] = agg.get("loss", 0.0) + float(loss.detach()) * world
+            for name, v in stats_sum.items():
+                agg[name] = agg.get(name, 0.0) + (v if name == "is_weight_max" else v / max(rows, 1))
+            agg["loss"] = agg.get("loss", 0.0) + loss_sum * world
             agg["grad_norm"] = agg.get("grad_norm", 0.0) + float(grad_norm)
     return {k: v / max(n, 1) for k, v in agg.items()}
+
+
+def log_probs(policy, mb: dict, micro_batch_rows: int = 4096, key: str = "action") -> torch.Tensor:
+    """``log π(a|s)`` of every row of a minibatch, in micro-batches, without gradient."""
+    rows = int(mb[key].shape[0])
+    out = []
+    with torch.no_grad():
+        for start in range(0, rows, micro_batch_rows):
+            obs, t = _rows(mb, slice(start, start + micro_batch_rows))
+            out.append(policy.log_prob(obs, t[key]).float())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _write_steps(run_dir: Path, iteration: int, rank: int, minibatches) -> None:
@@ -187,17 +217,18 @@ def train_loop_per_worker(config: dict) -> None:
         shard = ray.get(buffer.take_shard.remote(it, rank, world, M))
         t_data = time.perf_counter()
         mbs = [load_groups(entries, obs_keys, horizon, device, grpo.scale_by_std) for entries in shard["minibatches"]]
-        with torch.no_grad():  # π_old: the weights at the start of the iteration
-            for mb in mbs:
-                mb["logp_old"] = policy.log_prob(mb["obs"], mb["action"]).float()
-                if reference is not None:
-                    mb["logp_ref"] = reference.log_prob(mb["obs"], mb["action"]).float()
+        micro = int(lc.get("micro_batch_rows", 4096))
+        for mb in mbs:  # π_old: the weights at the start of the iteration
+            mb["logp_old"] = log_probs(policy, mb, micro)
+            if reference is not None:
+                mb["logp_ref"] = log_probs(reference, mb, micro)
         agg = grpo_update(policy, optimizer, params, mbs, shard["global_rows"], grpo, epochs,
-                          lc["max_grad_norm"], world)
+                          lc["max_grad_norm"], world, micro)
         if config.get("write_steps"):
             _write_steps(run_dir, it, rank, shard["minibatches"])
         with torch.no_grad():
-            entropy = float(policy.entropy(mbs[0]["obs"]).mean()) if hasattr(policy, "entropy") else math.nan
+            head = {k: v[:micro] for k, v in mbs[0]["obs"].items()}
+            entropy = float(policy.entropy(head).mean()) if hasattr(policy, "entropy") else math.nan
         version += 1
         metrics = dict(agg)
         metrics.update(iteration=it, version=version, entropy=entropy, lr=optimizer.param_groups[0]["lr"],

@@ -45,7 +45,8 @@ def init_ray(topology: dict) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # the dashboard serves Ray's state API (Ray Train's cleaner polls it): on 127.0.0.1 only
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 def start_actors(spec: RunSpec):

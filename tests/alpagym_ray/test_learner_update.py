@@ -123,3 +123,17 @@ def test_two_gloo_learners_equal_one_on_the_same_global_batch():
         two = dict(out["state"])
     for name, a in one.state_dict().items():
         torch.testing.assert_close(two[name], a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_micro_batches_accumulate_to_the_full_batch_update():
+    policy, batch = make_batch(seed=2)
+    full, micro = copy.deepcopy(policy), copy.deepcopy(policy)
+    rows = len(batch["advantage"])
+    params = [p for p in full.parameters() if p.requires_grad]
+    grpo_update(full, torch.optim.Adam(params, lr=1e-3, eps=1e-6), params, [with_logp_old(full, dict(batch))],
+                [rows], GRPOConfig(), 1, 1.0, micro_batch_rows=rows)
+    params = [p for p in micro.parameters() if p.requires_grad]
+    grpo_update(micro, torch.optim.Adam(params, lr=1e-3, eps=1e-6), params, [with_logp_old(micro, dict(batch))],
+                [rows], GRPOConfig(), 1, 1.0, micro_batch_rows=7)
+    for name, a in full.state_dict().items():
+        torch.testing.assert_close(micro.state_dict()[name], a, rtol=1e-5, atol=1e-6, msg=name)
