@@ -46,7 +46,12 @@ def init_ray(topology: dict) -> None:
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         # the dashboard serves Ray's state API (Ray Train's cleaner polls it): on 127.0.0.1 only
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        try:
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        except Exception as e:  # Ray without its [default] extras has no dashboard: run without it
+            print(f"Ray dashboard unavailable ({e}); starting without it", flush=True)
+            ray.shutdown()
+            ray.init(include_dashboard=False, log_to_driver=True)
 
 
 def start_actors(spec: RunSpec):
