@@ -115,7 +115,7 @@ def main(argv: list[str]) -> int:
         extra={"video_every": int(cfg.video_every)})
     summary: dict[str, Any] = {"scenes": scenes_path, "train_scenes": len(train_ids),
                                "holdout_scenes": len(holdout_ids)}
-    holdout = [{"scene_id": s, "start_step": 0} for s in holdout_ids]
+    holdout = [{"scene_id": s, "start_step": int(t)} for s in holdout_ids for t in starts]
     if cfg.eval.enabled and holdout:
         summary["eval_before"] = evaluate_checkpoint(env, policy, cfg, holdout_ids, holdout)
         print("held-out before:", _fmt(summary["eval_before"]), flush=True)
