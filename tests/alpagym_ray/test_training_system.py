@@ -142,3 +142,14 @@ def test_synchronous_mode_equals_a_single_process_replay(ray_session, tmp_path, 
     trained = load_checkpoint(summary["checkpoint"])
     for (name, a), b in zip(policy.state_dict().items(), trained.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_continues_from_the_last_checkpoint_with_higher_versions(ray_session, tmp_path, scenes):
+    first = train_loop.run(spec(tmp_path, scenes, iterations=1))
+    assert first["final_version"] == 1
+    again = spec(tmp_path, scenes, iterations=2)
+    again.resume_checkpoint = first["checkpoint"]          # what `train resume=RUN_DIR` passes
+    second = train_loop.run(again)
+    # the checkpoint (iteration 0, v1) is republished as v2, then iteration 1 publishes v3
+    assert second["final_version"] == 3
+    assert json.loads((Path(second["run_dir"]) / "versions.json").read_text())["highest_published"] == 3
