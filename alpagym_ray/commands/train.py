@@ -138,7 +138,7 @@ def evaluate_checkpoint(env: dict, policy: dict, cfg, holdout_ids: list[str], op
                       device="cpu")
     pol = instantiate(policy).eval()
     reward_fn = RewardFn.from_mapping(to_plain(cfg.reward), sim.metric_aggregations)
-    return evaluate(sim, pol, options, reward_fn, deterministic=True, seed=int(cfg.seed))
+    return evaluate(sim, pol, options, reward_fn, deterministic=bool(cfg.eval.deterministic), seed=int(cfg.seed))
 
 
 def _fmt(m: dict) -> str:

@@ -187,10 +187,8 @@ def _stop(head: Head) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    if not sys.platform.startswith("linux"):
-        pytest.skip("reads /proc to check the sockets")
+def start_head() -> Head:
+    """``ray start --head --block`` on a fresh temp dir and free ports, answering on its Jobs API."""
     # short: Ray puts Unix sockets under the temp dir, and their paths are limited to 107 bytes
     temp_dir = Path(tempfile.mkdtemp(prefix="agr-", dir="/tmp"))
     base = free_port_block(len(PORT_NAMES) + WORKER_PORTS)
@@ -217,10 +215,29 @@ def ray_head():
     head = Head(process, temp_dir, ports, env)
     try:
         _wait_for_dashboard(head, timeout_s=180)
+    except BaseException:
+        stop_head(head)
+        raise
+    return head
+
+
+def stop_head(head: Head) -> None:
+    _stop(head)
+    shutil.rmtree(head.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc to check the sockets")
+    try:
+        head = start_head()
+    except RuntimeError:  # ray start exited, e.g. a port taken between our check and its bind: once more
+        head = start_head()
+    try:
         yield head
     finally:
-        _stop(head)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_head(head)
 
 
 def submit(head: Head, entrypoint: list[str], timeout_s: float) -> subprocess.CompletedProcess:
