@@ -130,8 +130,8 @@ def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[in
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             n += 1
-            for name, v in stats_sum.items():
-                agg[name] = agg.get(name, 0.0) + (v if name == "is_weight_max" else v / max(rows, 1))
+            for name, total in stats_sum.items():
+                agg[name] = agg.get(name, 0.0) + (total if name == "is_weight_max" else total / max(rows, 1))
             agg["loss"] = agg.get("loss", 0.0) + loss_sum * world
             agg["grad_norm"] = agg.get("grad_norm", 0.0) + float(grad_norm)
     return {k: v / max(n, 1) for k, v in agg.items()}
