@@ -95,7 +95,7 @@ def rate(events: list[tuple[float, int]], t0: float, t1: float) -> dict[str, flo
     if len(inside) < 2:
         raise RuntimeError(f"only {len(inside)} completions in the {t1 - t0:.1f} s window: "
                            "measure longer (--seconds) or with fewer envs per worker")
-    steps = sum(n for _, n in inside[1:])  # the first completion's work happened before the window opened
+    steps = sum(n for _, n in inside[1:])  # the first completion only opens the span (its work came before)
     span = inside[-1][0] - inside[0][0]
     return {"env_steps_per_s": steps / span, "env_steps": steps, "window_s": span, "completions": len(inside)}
 
