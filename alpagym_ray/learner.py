@@ -13,6 +13,7 @@ versions only grow (DESIGN.md, "Weights").
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -185,7 +186,7 @@ def train_loop_per_worker(config: dict) -> None:
     resume_dir = config.get("resume_checkpoint")
     restored = False
     if checkpoint is not None or resume_dir:
-        with (checkpoint.as_directory() if checkpoint is not None else _nullcontext(resume_dir)) as d:
+        with (checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext(resume_dir)) as d:
             state = ckpt_tools.load_checkpoint(d, map_location=device)
             policy.load_state_dict(state.state_dict())
             trainer_state = ckpt_tools.load_optimizer_state(d, optimizer, map_location=device)
@@ -269,17 +270,6 @@ def _maybe_crash(config: dict, iteration: int, rank: int, run_dir: Path) -> None
         import os
 
         os._exit(1)
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _read_versions(run_dir: str) -> int:

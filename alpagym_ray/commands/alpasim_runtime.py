@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -97,16 +96,9 @@ def main(argv: list[str]) -> int:
         finally:
             server.stop()
 
-    def on_signal(signum: int, frame: object) -> None:
-        server.servicer.shutdown_requested.set()
+    from alpagym_ray.commands.serving import serve_until_shutdown
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while not server.servicer.shutdown_requested.wait(0.5):
-        pass
-    server.stop()
-    print("alpasim runtime stopped", flush=True)
-    return 0
+    return serve_until_shutdown(server, "alpasim runtime")
 
 
 def _simulate_once(server: object, args: argparse.Namespace) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -122,13 +121,6 @@ def main(argv: list[str]) -> int:
     print(f"alpasim driver serving {ckpt_config['kind']} (obs_keys {ckpt_config['obs_keys']}, policy_version "
           f"{ckpt_config.get('policy_version', 0)}) on {host}:{bound}", flush=True)
 
-    def on_signal(signum: int, frame: object) -> None:
-        server.servicer.shutdown_requested.set()
+    from alpagym_ray.commands.serving import serve_until_shutdown
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while not server.servicer.shutdown_requested.wait(0.5):
-        pass
-    server.stop()
-    print("alpasim driver stopped", flush=True)
-    return 0
+    return serve_until_shutdown(server, "alpasim driver")

@@ -447,6 +447,24 @@ def _upsample(coarse: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
+def _cells_in_reach(s: np.ndarray, m: float, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (segment, cell) pair whose cell lies in the segment's bounding box grown by ``m``.
+
+    ``s [E, 4]`` are segments in grid units; returns ``(segment index, row, col)`` arrays, one entry
+    per pair (a conservative candidate list: callers test the true distance)."""
+    c0 = np.clip(np.floor(np.minimum(s[:, 0], s[:, 2]) - m), 0, cols).astype(np.int64)
+    c1 = np.clip(np.floor(np.maximum(s[:, 0], s[:, 2]) + m) + 1, 0, cols).astype(np.int64)
+    r0 = np.clip(np.floor(np.minimum(s[:, 1], s[:, 3]) - m), 0, rows).astype(np.int64)
+    r1 = np.clip(np.floor(np.maximum(s[:, 1], s[:, 3]) + m) + 1, 0, rows).astype(np.int64)
+    nc, nr = np.maximum(c1 - c0, 0), np.maximum(r1 - r0, 0)
+    cnt = nc * nr
+    e = np.repeat(np.arange(len(s)), cnt)
+    local = np.arange(len(e)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+    col = c0[e] + local % np.maximum(nc[e], 1)
+    row = r0[e] + local // np.maximum(nc[e], 1)
+    return e, row, col
+
+
 def _block_primitives(a: np.ndarray, b: np.ndarray, reach: np.ndarray, near: np.ndarray, size: float
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Pairs ``(block id, primitive)`` for flagged blocks (squares ``size`` wide, block ``(I, J)`` at
@@ -455,16 +473,7 @@ def _block_primitives(a: np.ndarray, b: np.ndarray, reach: np.ndarray, near: np.
     hc, wc = near.shape
     s = np.concatenate([a, b], axis=1) / size
     m = reach / size
-    c0 = np.clip(np.floor(np.minimum(s[:, 0], s[:, 2]) - m), 0, wc).astype(np.int64)
-    c1 = np.clip(np.floor(np.maximum(s[:, 0], s[:, 2]) + m) + 1, 0, wc).astype(np.int64)
-    r0 = np.clip(np.floor(np.minimum(s[:, 1], s[:, 3]) - m), 0, hc).astype(np.int64)
-    r1 = np.clip(np.floor(np.maximum(s[:, 1], s[:, 3]) + m) + 1, 0, hc).astype(np.int64)
-    nc, nr = np.maximum(c1 - c0, 0), np.maximum(r1 - r0, 0)
-    cnt = nc * nr
-    e = np.repeat(np.arange(len(s)), cnt)
-    local = np.arange(len(e)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    col = c0[e] + local % np.maximum(nc[e], 1)
-    row = r0[e] + local // np.maximum(nc[e], 1)
+    e, row, col = _cells_in_reach(s, m, hc, wc)
     keep = near[row, col]
     e, row, col = e[keep], row[keep], col[keep]
     # conservative: the block's centre within reach + half a diagonal of the segment
@@ -648,16 +657,7 @@ def build_segment_grid(
     x0, y0, gy, gx = _grid_shape(bounds, cell, "build_segment_grid")
     s = (seg - np.array([x0, y0, x0, y0])) / cell              # grid units
     m = margin / cell
-    c0 = np.clip(np.floor(np.minimum(s[:, 0], s[:, 2]) - m), 0, gx).astype(np.int64)
-    c1 = np.clip(np.floor(np.maximum(s[:, 0], s[:, 2]) + m) + 1, 0, gx).astype(np.int64)
-    r0 = np.clip(np.floor(np.minimum(s[:, 1], s[:, 3]) - m), 0, gy).astype(np.int64)
-    r1 = np.clip(np.floor(np.maximum(s[:, 1], s[:, 3]) + m) + 1, 0, gy).astype(np.int64)
-    nc, nr = np.maximum(c1 - c0, 0), np.maximum(r1 - r0, 0)
-    cnt = nc * nr
-    e = np.repeat(np.arange(len(s)), cnt)
-    local = np.arange(len(e)) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    col = c0[e] + local % np.maximum(nc[e], 1)
-    row = r0[e] + local // np.maximum(nc[e], 1)
+    e, row, col = _cells_in_reach(s, m, gy, gx)
     d = _segment_square_distance(s[e], col, row)
     keep = d <= m + 1e-9
     e, row, col = e[keep], row[keep], col[keep]

@@ -407,5 +407,3 @@ class SceneSet:
     def add_entries(cls, root: str | os.PathLike, scenes: Iterable[Scene]) -> SceneSet:
         return cls.create(root, scenes, append=True)
 
-
-_index_entry = index_entry  # kept for importers written against the earlier name

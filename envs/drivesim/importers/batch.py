@@ -24,7 +24,7 @@ from pathlib import Path
 from envs.drivesim.importers import find_sources, import_file
 from envs.drivesim.importers.common import ImportOptions
 from envs.drivesim.importers.report import FIXED, IMPORTED, PRESENT, SKIPPED, FileReport
-from envs.drivesim.scene import SceneError, SceneSet, _index_entry, scene_file_name
+from envs.drivesim.scene import SceneError, SceneSet, index_entry, scene_file_name
 
 STAGING = ".staging"
 INDEX_FLUSH_S = 2.0
@@ -60,7 +60,7 @@ def convert_one(fmt: str, path: str, options: ImportOptions, staging: str,
     scene, notes = result.scene, result.notes
     staged = Path(staging) / f"{uuid.uuid4().hex}-{scene_file_name(scene.scene_id)}.npz"
     scene.save(staged)
-    entry = _index_entry(scene, "")
+    entry = index_entry(scene, "")
     entry["source"] = _source_key(src)
     stat = src.stat()
     entry["source_bytes"], entry["source_mtime_ns"] = stat.st_size, stat.st_mtime_ns
