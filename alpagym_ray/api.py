@@ -19,6 +19,10 @@ the reward is bound to its declared metrics, the policy's keys are looked up in 
 Callables (``env_factory``, a policy ``_target_``) travel to the Ray actors with cloudpickle: those
 defined in the ``__main__`` script go by value; those of an importable module go by reference, and
 the actors import them (Ray puts the driver's working directory and script directory on their path).
+
+Like the ``alpagym-ray`` CLI, this module is a composition root (DESIGN.md, "Dependency direction"):
+it may name the concrete packages (``REWARD_TARGET``); the runtime it starts builds everything from
+the config nodes it is handed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from typing import Any
 from alpagym_ray.gym_adapter import register_obs_specs
 
 CONF = Path(__file__).resolve().parent / "conf"
+REWARD_TARGET = "rewards.compute.reward_fn"
+"""The ``_target_`` given to a reward mapping that has none (the presets carry it already)."""
 
 
 def make_policy(policy: Mapping[str, Any], obs_specs: Mapping[str, Any] | None = None) -> Any:
@@ -53,26 +59,34 @@ def make_policy(policy: Mapping[str, Any], obs_specs: Mapping[str, Any] | None =
 
 
 def load_reward(reward: str | Path | Mapping[str, Any]) -> dict[str, Any]:
-    """The reward's term mapping: a preset name (``alpagym_ray/conf/reward/<name>.yaml``), a path to a
-    YAML file, or a mapping with a ``terms:`` list (returned as a plain dict)."""
+    """The reward's config node: a preset name (``alpagym_ray/conf/reward/<name>.yaml``), a path to a
+    YAML file, or a mapping with a ``terms:`` list, as a plain dict.
+
+    A node without ``_target_`` gets :data:`REWARD_TARGET`; a node built by that target gets a ``source``
+    naming the reward in errors (the preset or file, else ``reward (api.train)``)."""
     import yaml
 
     from alpagym_ray.targets import to_plain
     from rewards.spec import RewardSpecError, resolve_source
 
     if isinstance(reward, Mapping):
-        return dict(to_plain(reward))
-    if not isinstance(reward, str | Path):
+        raw, label = dict(to_plain(reward)), "reward (api.train)"
+    elif isinstance(reward, str | Path):
+        path, label = resolve_source(reward)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise RewardSpecError(f"{label}: not valid YAML: {e}") from None
+        if not isinstance(raw, Mapping):
+            raise RewardSpecError(f"{label}: expected a mapping with a 'terms:' list, got {type(raw).__name__}")
+        raw = dict(raw)
+    else:
         raise ValueError(f"reward must be a preset name, a YAML path or a mapping with 'terms', got "
                          f"{type(reward).__name__}")
-    path, label = resolve_source(reward)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RewardSpecError(f"{label}: not valid YAML: {e}") from None
-    if not isinstance(raw, Mapping):
-        raise RewardSpecError(f"{label}: expected a mapping with a 'terms:' list, got {type(raw).__name__}")
-    return dict(raw)
+    raw.setdefault("_target_", REWARD_TARGET)
+    if raw["_target_"] == REWARD_TARGET:
+        raw.setdefault("source", label)
+    return raw
 
 
 def _defaults(group: str, name: str) -> dict[str, Any]:
@@ -82,16 +96,36 @@ def _defaults(group: str, name: str) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], overrides: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """``base`` with ``overrides`` applied (nested mappings merged); unknown keys are errors."""
+    """``base`` with ``overrides`` applied (nested mappings merged); unknown keys are errors.
+
+    A nested node whose override names another ``_target_`` is replaced whole (its keys are the
+    other target's arguments)."""
     out = dict(base)
     for key, value in (overrides or {}).items():
         if key not in base:
             raise ValueError(f"{what} has no key {key!r}; valid: {sorted(base)}")
         if isinstance(base[key], dict) and isinstance(value, Mapping):
-            out[key] = _merge(base[key], value, f"{what}.{key}")
+            swapped = "_target_" in value and value["_target_"] != base[key].get("_target_")
+            out[key] = dict(value) if swapped else _merge(base[key], value, f"{what}.{key}")
         else:
             out[key] = value
     return out
+
+
+def _learner_config(learner: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``conf/learner/grpo.yaml`` with the overrides; ``grpo: {...}`` (the former name of the algorithm's
+    fields) is accepted for ``algorithm: {...}``."""
+    base = _defaults("learner", "grpo")
+    over = dict(learner or {})
+    if "grpo" in over:
+        if "algorithm" in over:
+            raise ValueError("learner: give the algorithm's fields under 'algorithm' or 'grpo' (its former "
+                             "name), not both")
+        grpo = over.pop("grpo")
+        if not isinstance(grpo, Mapping):
+            raise ValueError(f"learner.grpo must be a mapping of algorithm fields, got {grpo!r}")
+        over["algorithm"] = dict(_merge(base["algorithm"], grpo, "learner.grpo"))
+    return _merge(base, over, "learner")
 
 
 def train(
@@ -134,21 +168,21 @@ def train(
         run_dir: output directory (default ``runs/api-<timestamp>``).
         decision_every, max_steps, cut_after_failure: see ``alpagym_ray.gym_adapter.GymEnvConfig``.
         topology: overrides of ``conf/topology/local_cpu.yaml`` (workers, devices, Ray address).
-        learner: overrides of ``conf/learner/grpo.yaml`` (``group_size``, ``lr``, ``grpo: {...}``...).
+        learner: overrides of ``conf/learner/grpo.yaml`` (``group_size``, ``lr``, ``algorithm: {...}``...;
+            ``grpo: {...}`` is read as ``algorithm: {...}``).
 
     Returns the summary of ``alpagym_ray.train_loop.run`` (also written to ``run_dir/summary.json``).
     """
     from alpagym_ray import train_loop
     from alpagym_ray.gym_adapter import GymBatchedEnv
-    from rewards.compute import RewardFn
-    from rewards.spec import resolve_source
+    from alpagym_ray.targets import instantiate
 
     topo = _merge(_defaults("topology", "local_cpu"), topology, "topology")
     if topology and "envs_per_worker" in topology and int(topology["envs_per_worker"]) != num_envs:
         raise ValueError(f"num_envs={num_envs} and topology.envs_per_worker={topology['envs_per_worker']} "
                          "differ; give one of them")
     topo["envs_per_worker"] = int(num_envs)
-    lc = _merge(_defaults("learner", "grpo"), learner, "learner")
+    lc = _learner_config(learner)
     G = int(lc["group_size"])
     if G < 1 or num_envs < G or num_envs % G:
         raise ValueError(f"num_envs={num_envs} must be a positive multiple of learner.group_size={G} (each "
@@ -175,8 +209,8 @@ def train(
     probe_env = GymBatchedEnv(num_envs=1, device="cpu",
                               **{k: v for k, v in env_node.items() if k != "_target_"})
     try:
-        label = "reward (api.train)" if isinstance(reward, Mapping) else resolve_source(reward)[1]
-        reward_fn = RewardFn.from_mapping(reward_raw, probe_env.metric_aggregations, source=label)
+        # what every rollout worker will do with the node
+        reward_fn = instantiate(reward_raw, metric_aggregations=probe_env.metric_aggregations)
         probe_env.check_reward(reward_fn)
         missing = [k for k in probe_policy.obs_keys if k not in probe_env.obs_keys]
         if missing:

@@ -81,6 +81,7 @@ class EpisodeBuffer:
         self.staleness: list[int] = []
         self.env_steps = 0
         self.rollout_wall = 0.0
+        self.phase_s: Counter = Counter()   # worker seconds per rollout phase (GroupMeta.phase_s)
         self.t_start = time.time()
         self.task: asyncio.Task | None = None
         self.wake = asyncio.Event()
@@ -172,6 +173,8 @@ class EpisodeBuffer:
         batch, refs = self.in_flight[w]
         try:
             metas: list[GroupMeta] = await meta_ref
+            if metas:
+                self.phase_s.update(metas[0].phase_s)
         except (RayActorError, RayTaskError) as e:
             # the worker died (it restarts by itself): its in-flight groups are requested again
             del self.in_flight[w]
@@ -295,6 +298,7 @@ class EpisodeBuffer:
             "env_steps": self.env_steps, "events": dict(self.events), "published": self.published,
             "in_flight": len(self.in_flight),
             "rollout_env_steps_per_s": self.env_steps / max(time.time() - self.t_start, 1e-9),
+            "rollout_phase_fraction": {k: v / max(sum(self.phase_s.values()), 1e-9) for k, v in self.phase_s.items()},
         }
 
     def last_errors(self) -> dict:

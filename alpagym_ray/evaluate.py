@@ -1,12 +1,18 @@
-"""Closed-loop evaluation: a policy over reset options in a batched env, episode metrics averaged."""
+"""Closed-loop evaluation: a policy over reset options in a batched env, episode metrics averaged.
+
+Part of the runtime core: the reward comes built, or as a config node whose ``_target_`` builds it
+against the env's metrics (as in the rollout workers), so this module imports no reward package.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+
+from alpagym_ray.targets import instantiate
 
 HEADLINE = ("return", "scene_score", "progress", "collision_any", "collision_at_fault", "offroad",
             "offroad_or_collision", "comfort_violation")
@@ -15,7 +21,12 @@ HEADLINE = ("return", "scene_score", "progress", "collision_any", "collision_at_
 def evaluate(env, policy, options: Sequence[dict], reward_fn=None, deterministic: bool = True,
              seed: int = 0) -> dict[str, Any]:
     """Run every ``options`` entry once (in chunks of ``env.num_envs``); mean episode metrics (and the
-    mean return under ``reward_fn``)."""
+    mean return under ``reward_fn``).
+
+    ``reward_fn``: an object with ``episode(series) -> (return, terms)``, or a reward config node
+    (``{"_target_": ..., "terms": [...]}``) built here with ``metric_aggregations=env.metric_aggregations``."""
+    if isinstance(reward_fn, Mapping):
+        reward_fn = instantiate(reward_fn, metric_aggregations=env.metric_aggregations)
     rows: dict[str, list[float]] = {}
     gen = torch.Generator(device=getattr(env, "device", "cpu")).manual_seed(seed)
     B = env.num_envs

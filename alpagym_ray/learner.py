@@ -9,6 +9,11 @@ iteration rank 0 publishes the flat weights (version + 1) to the broadcaster.
 Versions: a fresh run publishes the starting weights as version 0; a restarted or resumed learner
 group reloads the last checkpoint and publishes it as ``highest version ever published + 1``, so
 versions only grow (DESIGN.md, "Weights").
+
+This module knows no concrete policy, algorithm or checkpoint format (DESIGN.md, "Dependency
+direction"): each rank builds them from the learner config, ``learner.algorithm`` (a ``_target_``
+node giving an :class:`Algorithm`) and ``learner.checkpoint_io`` (a module path, see
+:func:`checkpoint_io`), as ``alpagym_ray/conf/learner/grpo.yaml`` sets them.
 """
 
 from __future__ import annotations
@@ -20,14 +25,71 @@ import math
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, Protocol
 
 import ray
 import torch
 from ray import train as ray_train
 
 from alpagym_ray import columns as C
-from alpagym_ray.targets import import_target, instantiate
+from alpagym_ray.flat_params import flatten_params, host_buffer
+from alpagym_ray.targets import instantiate
+
+CHECKPOINT_IO_FUNCTIONS = ("save_checkpoint", "load_checkpoint", "load_optimizer_state")
+"""What the ``learner.checkpoint_io`` module must expose."""
+
+
+class Algorithm(Protocol):
+    """What the learner needs of the algorithm built from ``learner.algorithm`` (e.g. ``learners.grpo.GRPO``)."""
+
+    needs_reference: bool
+    """Whether :meth:`loss` needs ``logp_ref`` (the learner then keeps a frozen starting policy)."""
+
+    def advantages(self, returns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``returns [num_groups, G]`` -> ``(advantages [num_groups, G], informative [num_groups] bool)``."""
+        ...
+
+    def loss(self, logp: torch.Tensor, logp_old: torch.Tensor, logp_behavior: torch.Tensor,
+             advantages: torch.Tensor, num_rows_global: int,
+             logp_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, stats)`` of rows ``[N]``: the shard's share, already divided by ``num_rows_global``."""
+        ...
+
+
+def build_algorithm(lc: dict) -> Algorithm:
+    """The algorithm of the learner config ``lc`` (its ``algorithm`` node); ValueError names what is wrong."""
+    node = lc.get("algorithm")
+    if node is None:
+        hint = (" (the former learner.grpo fields now sit in learner.algorithm beside its _target_)"
+                if "grpo" in lc else "")
+        raise ValueError("learner.algorithm is missing: it must be a config node with a _target_ building the "
+                         f"algorithm, as in alpagym_ray/conf/learner/grpo.yaml{hint}")
+    if not isinstance(node, dict) or "_target_" not in node:
+        raise ValueError(f"learner.algorithm must be a config node with a _target_, got {node!r}")
+    algorithm = instantiate(node)
+    missing = [m for m in ("advantages", "loss") if not callable(getattr(algorithm, m, None))]
+    if missing:
+        raise ValueError(f"learner.algorithm: {node['_target_']} built {type(algorithm).__name__}, which lacks "
+                         f"the methods {missing} the learner calls")
+    return algorithm
+
+
+def checkpoint_io(path: object) -> ModuleType:
+    """The module named by ``learner.checkpoint_io`` (e.g. a policy package's checkpoint module), checked
+    to expose :data:`CHECKPOINT_IO_FUNCTIONS`."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"learner.checkpoint_io must be a module path (save_checkpoint, load_checkpoint, "
+                         f"load_optimizer_state), got {path!r}")
+    try:
+        module = importlib.import_module(path)
+    except ImportError as e:
+        raise ImportError(f"learner.checkpoint_io {path!r}: cannot import it ({e})") from e
+    missing = [f for f in CHECKPOINT_IO_FUNCTIONS if not callable(getattr(module, f, None))]
+    if missing:
+        raise ValueError(f"learner.checkpoint_io {path!r} lacks {missing}; it must expose "
+                         f"{list(CHECKPOINT_IO_FUNCTIONS)}")
+    return module
 
 
 def _dist():
@@ -60,14 +122,13 @@ def _broadcast_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, scale_by_std: bool):
-    """Decision rows of whole groups -> tensors (obs, action, logp_behavior, advantage, version)."""
-    from learners.grpo import group_advantages
-
+def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, algorithm: Algorithm):
+    """Decision rows of whole groups -> tensors (obs, action, logp_behavior, advantage, version);
+    the advantages are ``algorithm.advantages`` of the groups' returns."""
     batches = ray.get([ref for _, ref in entries])
     table = pa_concat(batches)
     returns = torch.tensor([m.returns for m, _ in entries], dtype=torch.float32)      # [groups, G]
-    adv, informative = group_advantages(returns, scale_by_std=scale_by_std)
+    adv, informative = algorithm.advantages(returns)
     # one advantage per episode id, repeated on its decision rows
     by_episode = {}
     for g, (m, _) in enumerate(entries):
@@ -96,16 +157,15 @@ def _rows(mb: dict, sl: slice) -> tuple[dict, dict]:
     return {k: v[sl] for k, v in mb["obs"].items()}, {k: v[sl] for k, v in mb.items() if k != "obs"}
 
 
-def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[int], grpo, epochs: int,
-                max_grad_norm: float, world: int = 1, micro_batch_rows: int = 4096) -> dict[str, float]:
+def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[int], algorithm: Algorithm,
+                epochs: int, max_grad_norm: float, world: int = 1, micro_batch_rows: int = 4096) -> dict[str, float]:
     """``epochs`` passes over the minibatches of one iteration; mean stats over the updates.
 
     Each minibatch dict holds ``obs``, ``action``, ``logp_old``, ``logp_behavior``, ``advantage``
     (and ``logp_ref``); ``global_rows[m]`` is minibatch m's decision rows summed over all ranks.
     A minibatch is processed in micro-batches of ``micro_batch_rows`` rows whose gradients add up
-    (each micro-batch loss already carries 1 / global rows), so memory stays bounded on any batch."""
-    from learners.grpo import grpo_loss
-
+    (each micro-batch loss already carries 1 / global rows), so memory stays bounded on any batch.
+    The loss of a micro-batch is ``algorithm.loss`` (:class:`Algorithm`)."""
     agg: dict[str, float] = {}
     n = 0
     for _ in range(epochs):
@@ -117,8 +177,8 @@ def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[in
             for start in range(0, rows, micro_batch_rows):
                 obs, t = _rows(mb, slice(start, start + micro_batch_rows))
                 logp = policy.log_prob(obs, t["action"])
-                loss, stats = grpo_loss(logp, t["logp_old"], t["logp_behavior"], t["advantage"],
-                                        global_rows[m], grpo, t.get("logp_ref"))
+                loss, stats = algorithm.loss(logp, t["logp_old"], t["logp_behavior"], t["advantage"],
+                                             global_rows[m], t.get("logp_ref"))
                 loss.backward()
                 loss_sum += float(loss.detach())
                 k = int(t["action"].shape[0])
@@ -161,8 +221,6 @@ def _write_steps(run_dir: Path, iteration: int, rank: int, minibatches) -> None:
 
 def train_loop_per_worker(config: dict) -> None:
     """The Ray Train worker function (one per learner rank)."""
-    from learners.grpo import GRPOConfig
-
     ctx = ray_train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(config["seed"])
@@ -170,14 +228,14 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda" if config["use_gpu"] and torch.cuda.is_available() else "cpu")
     buffer, broadcaster = config["buffer"], config["broadcaster"]
     lc = config["learner"]
-    grpo = GRPOConfig(**lc["grpo"])
-    flat_params = import_target("learners.flat_params.flatten_params")
-    ckpt_tools = importlib.import_module("learners.checkpoint")
+    algorithm = build_algorithm(lc)
+    algo_name = str(getattr(algorithm, "name", type(algorithm).__name__))
+    ckpt_tools = checkpoint_io(lc.get("checkpoint_io"))
     policy = instantiate(config["policy"]).to(device).train()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lc["lr"], eps=1e-6)
     reference = None
-    if grpo.kl_coef > 0:
+    if getattr(algorithm, "needs_reference", False):
         reference = instantiate(config["policy"]).to(device).eval()
         for p in reference.parameters():
             p.requires_grad_(False)
@@ -201,11 +259,13 @@ def train_loop_per_worker(config: dict) -> None:
     version = _broadcast_int(version, device)
     run_dir = Path(config["run_dir"])
     writer = None
+    host = None
     if rank == 0:
-        _publish(policy, flat_params, broadcaster, buffer, version, run_dir)
+        host = host_buffer(policy)  # one (pinned, on CUDA) host buffer, rewritten by every publish
+        _publish(policy, host, broadcaster, buffer, version, run_dir)
         # the starting weights of this (re)start, as published: what the first groups act with
         ckpt_tools.save_checkpoint(policy, run_dir / "checkpoints" / f"version_{version:06d}", policy_version=version,
-                                   provenance={"algorithm": "grpo", "start_of_iteration": start_iteration})
+                                   provenance={"algorithm": algo_name, "start_of_iteration": start_iteration})
         ray.get(buffer.start.remote(version, start_iteration))
         from torch.utils.tensorboard import SummaryWriter
 
@@ -217,13 +277,13 @@ def train_loop_per_worker(config: dict) -> None:
         _maybe_crash(config, it, rank, run_dir)
         shard = ray.get(buffer.take_shard.remote(it, rank, world, M))
         t_data = time.perf_counter()
-        mbs = [load_groups(entries, obs_keys, horizon, device, grpo.scale_by_std) for entries in shard["minibatches"]]
+        mbs = [load_groups(entries, obs_keys, horizon, device, algorithm) for entries in shard["minibatches"]]
         micro = int(lc.get("micro_batch_rows", 4096))
         for mb in mbs:  # π_old: the weights at the start of the iteration
             mb["logp_old"] = log_probs(policy, mb, micro)
             if reference is not None:
                 mb["logp_ref"] = log_probs(reference, mb, micro)
-        agg = grpo_update(policy, optimizer, params, mbs, shard["global_rows"], grpo, epochs,
+        agg = grpo_update(policy, optimizer, params, mbs, shard["global_rows"], algorithm, epochs,
                           lc["max_grad_norm"], world, micro)
         if config.get("write_steps"):
             _write_steps(run_dir, it, rank, shard["minibatches"])
@@ -237,7 +297,8 @@ def train_loop_per_worker(config: dict) -> None:
                        decisions=sum(int(mb["action"].shape[0]) for mb in mbs))
         checkpoint_now = (it + 1) % lc["checkpoint_every"] == 0 or it + 1 == config["iterations"]
         if rank == 0:
-            publish_s = _publish(policy, flat_params, broadcaster, buffer, version, run_dir)
+            assert host is not None  # allocated by rank 0 above
+            publish_s = _publish(policy, host, broadcaster, buffer, version, run_dir)
             metrics["publish_s"] = publish_s
             _log(writer, metrics, shard["stats"], it, time.perf_counter() - t_iter)
         report_ckpt = None
@@ -246,7 +307,7 @@ def train_loop_per_worker(config: dict) -> None:
             tmp = tempfile.mkdtemp(prefix="alpagym-ckpt-")
             ckpt_tools.save_checkpoint(policy, tmp, policy_version=version, optimizer=optimizer,
                                        trainer_state={"iteration": it, "version": version},
-                                       provenance={"algorithm": "grpo", "iteration": it})
+                                       provenance={"algorithm": algo_name, "iteration": it})
             report_ckpt = ray_train.Checkpoint.from_directory(tmp)
         scalar = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
         scalar.update({f"buffer/{k}": v for k, v in shard["stats"].items() if isinstance(v, int | float)})
@@ -282,9 +343,13 @@ def _read_versions(run_dir: str) -> int:
         return -1
 
 
-def _publish(policy, flat_params, broadcaster, buffer, version: int, run_dir: Path) -> float:
+def _publish(policy, host: torch.Tensor, broadcaster, buffer, version: int, run_dir: Path) -> float:
+    """Hand the weights to the broadcaster as ``version``; returns the seconds it took.
+
+    ``host`` (float32 ``[flat_size]``, from :func:`host_buffer`) is rewritten in place: Ray copies the
+    argument into the object store when ``publish.remote`` is called, so reusing it next time is safe."""
     t0 = time.perf_counter()
-    flat = flat_params(policy).detach().float().cpu().numpy()
+    flat = flatten_params(policy, out=host).numpy()
     ray.get(broadcaster.publish.remote(version, flat))
     ray.get(buffer.on_published.remote(version))
     run_dir.mkdir(parents=True, exist_ok=True)

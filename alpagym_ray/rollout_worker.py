@@ -21,8 +21,9 @@ import ray
 import torch
 
 from alpagym_ray import columns as C
+from alpagym_ray.flat_params import load_flat_params
 from alpagym_ray.observations import mask_key
-from alpagym_ray.targets import import_target, instantiate
+from alpagym_ray.targets import instantiate
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class GroupMeta:
     env_steps: int = 0
     wall_s: float = 0.0
     reward_terms: dict[str, list[float]] = field(default_factory=dict)
+    phase_s: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase of the worker call that ran this group (on the call's first group only)."""
 
 
 class RolloutWorker:
@@ -74,14 +77,13 @@ class RolloutWorker:
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        from rewards.compute import RewardFn  # composition inside the actor (registries do not travel)
-
         self.worker_id = worker_id
         self.device = torch.device(device)
         self.group_size = group_size
         self.env = instantiate(env, num_envs=num_envs, device=device)
         self.policy = instantiate(policy).to(self.device).eval()
-        self.reward_fn = RewardFn.from_mapping(reward, self.env.metric_aggregations, source="reward config")
+        # built inside the actor from its _target_ node (registries do not travel), checked against the env
+        self.reward_fn = instantiate(reward, metric_aggregations=self.env.metric_aggregations)
         self.broadcaster = broadcaster
         self.version = -1  # a (re)started worker force-pulls
         missing = [k for k in self.policy.obs_keys if k not in self.env.obs_keys]
@@ -91,8 +93,11 @@ class RolloutWorker:
         self.horizon = int(self.policy.action_spec.horizon)
         self.schema = C.step_schema(self.policy.obs_keys, self.horizon)
         self.episode_schema = C.episode_schema(self.reward_fn.term_names, self.env.metric_names)
-        self.flat_tools = import_target("learners.flat_params.load_flat_params")
+        self.flat_tools = load_flat_params
         self.pull_s = 0.0
+        self._pending: ray.ObjectRef | None = None  # the outstanding pull_if_newer question
+        self.phase_s: dict[str, float] = {}  # seconds per phase of run_groups (see phase_stats)
+        self.profile = False  # synchronise the device at each phase boundary (exact GPU phase times)
         # an mp4 of the first episode of a group every `video_every` versions (envs with render())
         self.video_every = video_every if hasattr(self.env, "render") else 0
         self.video_dir = os.path.join(run_dir, "videos") if run_dir else None
@@ -100,13 +105,12 @@ class RolloutWorker:
 
     # ---- weights -------------------------------------------------------------------------
     def pull_if_newer(self, wait: bool = False, timeout_s: float = 300.0) -> int:
+        """Ask the broadcaster now and load newer weights (``wait``: until some version exists)."""
         t0 = time.perf_counter()
-        while True:
+        self._pending = None  # an answer still in flight is superseded by this one
+        while self.broadcaster is not None:
             version, refs = ray.get(self.broadcaster.pull_if_newer.remote(self.version))
-            if refs is not None:
-                flat = ray.get(refs[0])
-                self.flat_tools(self.policy, torch.from_numpy(np.asarray(flat)).to(self.device))
-                self.version = version
+            self._load(version, refs)
             if self.version >= 0 or not wait:
                 break
             if time.perf_counter() - t0 > timeout_s:
@@ -114,6 +118,44 @@ class RolloutWorker:
             time.sleep(0.05)
         self.pull_s += time.perf_counter() - t0
         return self.version
+
+    def _poll_weights(self) -> None:
+        """Between decisions: load newer weights if the last question was answered, and ask again.
+
+        Never waits (``ray.wait(timeout=0)``): at most one question is outstanding, so a worker
+        acting at thousands of decisions/s spends no time on round trips to the broadcaster."""
+        if self.broadcaster is None:
+            return
+        t0 = time.perf_counter()
+        if self._pending is not None:
+            ready, _ = ray.wait([self._pending], timeout=0)
+            if not ready:
+                self.pull_s += time.perf_counter() - t0
+                return
+            version, refs = ray.get(self._pending)
+            self._load(version, refs)
+        self._pending = self.broadcaster.pull_if_newer.remote(self.version)
+        self.pull_s += time.perf_counter() - t0
+
+    def _load(self, version: int, refs: list | None) -> None:
+        if refs is None or version <= self.version:
+            return
+        flat = ray.get(refs[0])
+        self.flat_tools(self.policy, torch.from_numpy(np.asarray(flat)).to(self.device))
+        self.version = version
+
+    def phase_stats(self, reset: bool = False) -> dict[str, float]:
+        """Seconds spent per phase since the start (or the last reset): ``policy`` (forward and
+        sampling), ``env`` (simulation, metrics, observations), ``record`` (keeping the decision),
+        ``gather`` (rows to host), ``reward``, ``assemble`` (Arrow), ``other``; plus ``pull``."""
+        out = dict(self.phase_s, pull=self.pull_s)
+        if reset:
+            self.phase_s.clear()
+            self.pull_s = 0.0
+        return out
+
+    def set_profile(self, on: bool) -> None:
+        self.profile = on
 
     def ping(self) -> dict:
         return {"worker_id": self.worker_id, "pid": os.getpid(), "version": self.version}
@@ -147,40 +189,45 @@ class RolloutWorker:
         gen.manual_seed(int(np.random.SeedSequence([r.seed for r in requests] + [requests[0].attempt])
                             .generate_state(1)[0]))
         alive = np.ones(n, dtype=bool)
-        rec: dict[str, list] = {"alive": [], "obs": [], "action": [], "logp": [], "version": [], "pose": []}
-        series: list[dict | None] = [None] * n
-        ep_metrics: list[dict | None] = [None] * n
-        dec_maps: list[np.ndarray | None] = [None] * n  # tick -> decision, when the env knows it (AlpaSim)
+        rec = _Recording(self._obs_columns())
+        ends: list[dict | None] = [None] * n  # per env: its series, episode metrics, tick -> decision map
         ticks = 0
         record = (self.video_every > 0 and self.video_dir is not None and self.version >= 0
                   and self.version % self.video_every == 0 and self.version != self.last_video_version)
         frames = []
+        call_phases: dict[str, float] = {}
+        clock = _PhaseClock(call_phases, self.device if self.profile else None)
         while alive.any():
-            self.pull_if_newer()
+            self._poll_weights()
             if record and alive[0]:
                 frames.append(self.env.render(0))
+            clock.lap("other")
             with torch.no_grad():
                 action, logp, _ = self.policy.act(obs, generator=gen)
-            rec["alive"].append(alive.copy())
-            rec["obs"].append({k: obs[k][:n].cpu().numpy() for k in self._obs_columns()})
-            rec["action"].append(action[:n].reshape(n, -1).float().cpu().numpy())
-            rec["logp"].append(logp[:n].float().cpu().numpy())
-            rec["version"].append(self.version)
+            clock.lap("policy")
+            rec.decision(alive, obs, action[:n].reshape(n, -1), logp[:n], self.version, n)
+            clock.lap("record")
             obs, _, terminated, truncated, info = self.env.step(action)
             ticks += int(alive.sum()) * self.env.decision_every
             if "ego_pose" in info:
-                rec["pose"].append(info["ego_pose"][:n].cpu().numpy())
+                rec.pose.append(torch.as_tensor(info["ego_pose"])[:n].clone())
             ended = ((terminated | truncated)[:n].cpu().numpy()) & alive
             for i in np.nonzero(ended)[0]:
-                series[i] = info["episode_series"][i]
-                ep_metrics[i] = {k: float(v[i]) for k, v in info["episode_metrics"].items()}
-                if "episode_decision_of_tick" in info:
-                    dec_maps[i] = np.asarray(info["episode_decision_of_tick"][i])
+                ends[i] = {"series": info["episode_series"][i],
+                           "metrics": {k: float(v[i]) for k, v in info["episode_metrics"].items()},
+                           "dec_of_tick": (np.asarray(info["episode_decision_of_tick"][i])
+                                           if "episode_decision_of_tick" in info else None)}
             alive &= ~ended
+            clock.lap("env")
         if record and frames:
             self.last_video_version = self.version
             self._write_video(frames, f"v{self.version:05d}_{requests[0].group_id}.mp4")
-        return self._to_arrow(requests, rec, series, ep_metrics, dec_maps, ticks, time.perf_counter() - t_start)
+        metas, batches = self._to_arrow(requests, rec, ends, ticks, time.perf_counter() - t_start, clock)
+        clock.lap("assemble")
+        metas[0].phase_s = call_phases
+        for k, v in call_phases.items():
+            self.phase_s[k] = self.phase_s.get(k, 0.0) + v
+        return metas, batches
 
     def _write_video(self, frames: list[Any], name: str) -> None:
         import imageio.v2 as imageio
@@ -196,60 +243,121 @@ class RolloutWorker:
     def _obs_columns(self) -> list[str]:
         return [c for k in self.policy.obs_keys for c in (k, mask_key(k))]
 
-    def _to_arrow(self, requests, rec, series, ep_metrics, dec_maps, ticks, wall_s):
+    def _to_arrow(self, requests: list[GroupRequest], rec: _Recording, ends: list, ticks: int, wall_s: float,
+                  clock: _PhaseClock):
+        """One decision-row RecordBatch and one GroupMeta (with its episode rows) per group.
+
+        Rows are env-major (episode after episode, decisions in order), so a group's rows are one
+        contiguous slice; every column is gathered once for all groups (one device->host copy)."""
         G = self.group_size
-        alive = np.stack(rec["alive"], 1)                     # [n, D]
-        versions = np.asarray(rec["version"], dtype=np.int64)  # [D]
+        n = len(ends)
+        alive = rec.alive_matrix()                               # [n, D] bool: decision d of env i was taken
+        counts = alive.sum(1)                                    # [n] decisions per episode
+        env_of_row, dec_of_row = np.nonzero(alive)               # env-major row order
+        versions = np.asarray(rec.version, dtype=np.int64)       # [D]
+        row_version = versions[dec_of_row]
+        cols = {key: rec.gather(key, alive) for key in rec.obs_columns}
+        action, logp = rec.gather("action", alive), rec.gather("logp", alive).astype(np.float32)
+        pose = rec.gather("pose", alive) if rec.pose else np.zeros((len(env_of_row), 3), np.float32)
+        clock.lap("gather")
+        results = []
+        for i in range(n):
+            e = ends[i]
+            dec_of_tick = e["dec_of_tick"] if e["dec_of_tick"] is not None else (
+                np.arange(len(e["series"]["eval_relevant"][0])) // self.env.decision_every)
+            results.append(self.reward_fn.evaluate(e["series"], dec_of_tick, int(counts[i])))
+        reward = np.concatenate([r.per_decision for r in results]).astype(np.float32)
+        clock.lap("reward")
+        done = np.zeros(len(env_of_row), dtype=bool)
+        row_end = np.cumsum(counts)                              # [n] one past each episode's last row
+        done[row_end - 1] = True
+        row_start = row_end - counts
         metas, batches = [], []
         for g, req in enumerate(requests):
-            rows_env, rows_dec, ep_ids, rewards, returns, term_rows = [], [], [], [], [], []
-            ep_rows: dict[str, list] = {f.name: [] for f in self.episode_schema}
-            for j in range(G):
-                i = g * G + j
-                decisions = np.nonzero(alive[i])[0]
-                D = len(decisions)
-                dec_of_tick = dec_maps[i] if dec_maps[i] is not None else (
-                    np.arange(len(series[i]["eval_relevant"][0])) // self.env.decision_every)
-                result = self.reward_fn.evaluate(series[i], dec_of_tick, D)
-                ep_id = f"{req.group_id}/{j}"
-                rows_env += [i] * D
-                rows_dec += decisions.tolist()
-                ep_ids += [ep_id] * D
-                rewards.append(result.per_decision)
-                returns.append(float(result.total))
-                term_rows.append(result.terms)
-                pose = np.stack([p[i] for p in rec["pose"][: D]]) if rec["pose"] else np.zeros((0, 3))
-                for name, value in (
-                    (C.EPISODE_ID, ep_id), (C.GROUP_ID, req.group_id), (C.SCENE_ID, req.options.get("scene_id", "")),
-                    (C.START_STEP, int(req.options.get("start_step", 0))), (C.SEED, int(req.seed)),
-                    (C.RETURN, float(result.total)), (C.NUM_DECISIONS, D),
-                    (C.VERSION_FIRST, int(versions[decisions].min())), (C.VERSION_LAST, int(versions[decisions].max())),
-                    (C.WORKER_ID, self.worker_id), (C.WALL_S, wall_s), (C.STATUS, "ok"),
-                    (C.TRAJ_X, pose[:, 0].tolist()), (C.TRAJ_Y, pose[:, 1].tolist()), (C.TRAJ_YAW, pose[:, 2].tolist()),
-                ):
-                    ep_rows[name].append(value)
-                for t in self.reward_fn.term_names:
-                    ep_rows[C.TERM_PREFIX + t].append(float(result.terms[t]))
-                for m in self.env.metric_names:
-                    ep_rows[C.METRIC_PREFIX + m].append(float(ep_metrics[i].get(m, np.nan)))
-            rows_env_a, rows_dec_a = np.asarray(rows_env), np.asarray(rows_dec)
-            cols: dict[str, Any] = {
-                C.EPISODE_ID: ep_ids, C.GROUP_ID: [req.group_id] * len(ep_ids),
-                C.SCENE_ID: [req.options.get("scene_id", "")] * len(ep_ids),
-                C.STEP: rows_dec_a.astype(np.int32), C.POLICY_VERSION: versions[rows_dec_a],
-                C.ACTION: np.stack([rec["action"][d][e] for e, d in zip(rows_env_a, rows_dec_a, strict=True)]),
-                C.LOGP_BEHAVIOR: np.asarray([rec["logp"][d][e] for e, d in zip(rows_env_a, rows_dec_a, strict=True)],
-                                            dtype=np.float32),
-                C.REWARD: np.concatenate(rewards).astype(np.float32),
-                C.DONE: np.concatenate([np.arange(len(r)) == len(r) - 1 for r in rewards]),
+            lo, hi = int(row_start[g * G]), int(row_end[g * G + G - 1])
+            envs = range(g * G, g * G + G)
+            ep_ids = [f"{req.group_id}/{j}" for j in range(G)]
+            scene_id = req.options.get("scene_id", "")
+            ep_rows = np.repeat(np.asarray(ep_ids, dtype=object), counts[g * G:g * G + G])
+            step_cols: dict[str, Any] = {
+                C.EPISODE_ID: ep_rows, C.GROUP_ID: [req.group_id] * (hi - lo), C.SCENE_ID: [scene_id] * (hi - lo),
+                C.STEP: dec_of_row[lo:hi].astype(np.int32), C.POLICY_VERSION: row_version[lo:hi],
+                C.ACTION: action[lo:hi], C.LOGP_BEHAVIOR: logp[lo:hi], C.REWARD: reward[lo:hi], C.DONE: done[lo:hi],
+                **{C.obs_column(k): v[lo:hi] for k, v in cols.items()},
             }
-            for key in self._obs_columns():
-                cols[C.obs_column(key)] = np.stack([rec["obs"][d][key][e] for e, d in zip(rows_env_a, rows_dec_a,
-                                                                                          strict=True)])
-            batches.append(C.build_step_batch(self.schema, cols))
-            episodes = pa.RecordBatch.from_pydict(ep_rows, schema=self.episode_schema)
+            batches.append(C.build_step_batch(self.schema, step_cols))
+            ep: dict[str, list] = {f.name: [] for f in self.episode_schema}
+            for j, i in enumerate(envs):
+                r, a, b = results[i], int(row_start[i]), int(row_end[i])
+                for name, value in (
+                    (C.EPISODE_ID, ep_ids[j]), (C.GROUP_ID, req.group_id), (C.SCENE_ID, scene_id),
+                    (C.START_STEP, int(req.options.get("start_step", 0))), (C.SEED, int(req.seed)),
+                    (C.RETURN, float(r.total)), (C.NUM_DECISIONS, int(counts[i])),
+                    (C.VERSION_FIRST, int(row_version[a:b].min())), (C.VERSION_LAST, int(row_version[a:b].max())),
+                    (C.WORKER_ID, self.worker_id), (C.WALL_S, wall_s), (C.STATUS, "ok"),
+                    (C.TRAJ_X, pose[a:b, 0]), (C.TRAJ_Y, pose[a:b, 1]), (C.TRAJ_YAW, pose[a:b, 2]),
+                ):
+                    ep[name].append(value)
+                for t in self.reward_fn.term_names:
+                    ep[C.TERM_PREFIX + t].append(float(r.terms[t]))
+                for m in self.env.metric_names:
+                    ep[C.METRIC_PREFIX + m].append(float(ends[i]["metrics"].get(m, np.nan)))
+            episodes = pa.RecordBatch.from_pydict(ep, schema=self.episode_schema)
             metas.append(GroupMeta(
-                req.group_id, True, returns, int(versions[rows_dec_a].min()), int(versions[rows_dec_a].max()),
-                len(ep_ids), episodes, worker_id=self.worker_id, env_steps=ticks // max(len(requests), 1),
-                wall_s=wall_s, reward_terms={t: [r[t] for r in term_rows] for t in self.reward_fn.term_names}))
+                req.group_id, True, [float(results[i].total) for i in envs], int(row_version[lo:hi].min()),
+                int(row_version[lo:hi].max()), hi - lo, episodes, worker_id=self.worker_id,
+                env_steps=ticks // max(len(requests), 1), wall_s=wall_s,
+                reward_terms={t: [results[i].terms[t] for i in envs] for t in self.reward_fn.term_names}))
         return metas, batches
+
+
+class _Recording:
+    """What a batch of episodes did, decision by decision, kept as tensors on the acting device.
+
+    Each decision appends ``[n, ...]`` tensors (cloned: an env may reuse its buffers); at the end
+    :meth:`gather` stacks one key to ``[n, D, ...]`` and keeps the rows of decisions actually taken,
+    env-major, in one device->host copy -- no per-row Python work."""
+
+    def __init__(self, obs_columns: list[str]):
+        self.obs_columns = obs_columns
+        self.alive: list[np.ndarray] = []
+        self.version: list[int] = []
+        self.seq: dict[str, list[torch.Tensor]] = {k: [] for k in [*obs_columns, "action", "logp"]}
+        self.pose: list[torch.Tensor] = []
+        self.seq["pose"] = self.pose
+
+    def decision(self, alive: np.ndarray, obs: dict, action: torch.Tensor, logp: torch.Tensor, version: int,
+                 n: int) -> None:
+        self.alive.append(alive.copy())
+        self.version.append(version)
+        for k in self.obs_columns:
+            self.seq[k].append(torch.as_tensor(obs[k])[:n].clone())
+        self.seq["action"].append(action.float().clone())
+        self.seq["logp"].append(logp.float().clone())
+
+    def alive_matrix(self) -> np.ndarray:
+        return np.stack(self.alive, 1)                            # [n, D]
+
+    def gather(self, key: str, alive: np.ndarray) -> np.ndarray:
+        seq = self.seq[key]
+        stacked = torch.stack(seq[: alive.shape[1]], 1)          # [n, D, ...]
+        mask = torch.from_numpy(alive).to(stacked.device)
+        out = stacked[mask].cpu().numpy()                        # [rows, ...] env-major
+        seq.clear()                                              # free the device memory as we go
+        return out
+
+
+class _PhaseClock:
+    """Adds the time since the last lap to ``totals[name]`` (optionally synchronising the device so
+    that asynchronous GPU work is charged to the phase that launched it)."""
+
+    def __init__(self, totals: dict[str, float], sync_device: torch.device | None):
+        self.totals, self.t = totals, time.perf_counter()
+        self.sync = sync_device is not None and sync_device.type == "cuda"
+
+    def lap(self, name: str) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self.t
+        self.t = now

@@ -9,6 +9,10 @@ Notation (per decision row i of an episode in group g):
     dual clip (Ye et al. 2020, arXiv:1912.09729): for A < 0, L_clip ≤ −c A (c = 3)
     loss   = Σ_i w_i (L_clip,i + β KL_i) / N_global          normalised by the global number of rows
 KL_i is the k3 estimator exp(q−p) − (q−p) − 1 with p = log π_θ, q = log π_ref (Schulman 2020).
+
+:class:`GRPO` wraps them as the algorithm object the learner builds from its config node
+(``learner.algorithm._target_: learners.grpo.GRPO`` in ``alpagym_ray/conf/learner/grpo.yaml``): the
+learner core knows only its ``advantages`` / ``loss`` interface, never this module.
 """
 
 from __future__ import annotations
@@ -122,3 +126,37 @@ def grpo_loss(
             "is_ess_fraction": (w.sum() ** 2) / (w.pow(2).sum().clamp(min=1e-12) * n),
         }
     return loss, stats
+
+
+class GRPO:
+    """GRPO as the learner's algorithm object (``alpagym_ray.learner.Algorithm``).
+
+    Built from the config node ``learner.algorithm`` (its keys are the :class:`GRPOConfig` fields, so
+    an unknown key fails with TypeError naming it); the methods call the pure functions above."""
+
+    name = "grpo"
+    """Recorded in checkpoint provenance."""
+
+    def __init__(self, eps_low: float = 0.2, eps_high: float = 0.28, dual_clip: float = 3.0, is_cap: float = 2.0,
+                 scale_by_std: bool = False, kl_coef: float = 0.0) -> None:
+        self.config = GRPOConfig(eps_low=float(eps_low), eps_high=float(eps_high), dual_clip=float(dual_clip),
+                                 is_cap=float(is_cap), scale_by_std=bool(scale_by_std), kl_coef=float(kl_coef))
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether :meth:`loss` needs ``logp_ref`` (a frozen copy of the starting policy)."""
+        return self.config.kl_coef > 0
+
+    def advantages(self, returns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``returns [num_groups, G]`` -> ``(advantages [num_groups, G], informative [num_groups])``;
+        see :func:`group_advantages`."""
+        return group_advantages(returns, scale_by_std=self.config.scale_by_std)
+
+    def loss(self, logp: torch.Tensor, logp_old: torch.Tensor, logp_behavior: torch.Tensor,
+             advantages: torch.Tensor, num_rows_global: int,
+             logp_ref: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The surrogate of one minibatch shard, rows ``[N]``; see :func:`grpo_loss`."""
+        return grpo_loss(logp, logp_old, logp_behavior, advantages, num_rows_global, self.config, logp_ref)
+
+    def __repr__(self) -> str:
+        return f"GRPO({self.config})"

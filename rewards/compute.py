@@ -8,6 +8,10 @@ decision, so an episode's rows sum to its return (up to float rounding).
 Series come as ``{name: (values [T] float, valid [T] bool, Aggregation)}``: what drivesim returns
 per episode and what ``alpagym_ray.metrics.series_to_arrays`` makes of AlpaSim's
 ``TimestepMetric`` list; the same series give the same reward whichever simulator produced them.
+
+:func:`reward_fn` is the ``_target_`` of the reward presets (``alpagym_ray/conf/reward/*.yaml``): the
+rollout workers build the reward from its config node without knowing this package
+(``instantiate(reward, metric_aggregations=env.metric_aggregations)``).
 """
 
 from __future__ import annotations
@@ -219,3 +223,16 @@ class RewardFn:
             raise ValueError(f"{src}: decision_of_tick holds values in [{dec.min()}, {dec.max()}]; "
                              f"valid: -1 (warm-up) to num_decisions - 1 = {num_decisions - 1}")
         return dec
+
+
+def reward_fn(metric_aggregations: Mapping[str, Aggregation | str], source: str = "reward config",
+              **spec_fields: Any) -> RewardFn:
+    """The ``_target_`` of a reward config node: ``spec_fields`` are the reward file's keys (``terms``,
+    ``cut_after_failure``, ``description``), checked against the env's ``{metric name: aggregation}``.
+
+    ``source`` names the reward in every error (e.g. ``reward 'progress_safety'
+    (alpagym_ray/conf/reward/progress_safety.yaml)``); a :class:`~rewards.spec.RewardSpecError` says
+    what is wrong with which term."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"reward_fn: source must be a non-empty string naming the reward, got {source!r}")
+    return RewardFn.from_mapping(spec_fields, metric_aggregations, source=source)

@@ -51,8 +51,9 @@ KIND_KEYS: dict[str, tuple[str, ...]] = {
 }
 """Keys each kind accepts besides :data:`COMMON_KEYS`."""
 ALL_TERM_KEYS = tuple(dict.fromkeys(COMMON_KEYS + sum(KIND_KEYS.values(), ())))
-TOP_LEVEL_KEYS = ("terms", "cut_after_failure", "description", "defaults")
-"""Keys of a reward file; ``defaults`` is Hydra's defaults list (ignored here)."""
+TOP_LEVEL_KEYS = ("terms", "cut_after_failure", "description", "defaults", "_target_")
+"""Keys of a reward file; ``defaults`` (Hydra's defaults list) and ``_target_`` (the factory that
+builds the reward from this node, :func:`rewards.compute.reward_fn`) are ignored here."""
 
 DISTANCE_TO_GT_METRIC = "dist_to_gt_location"
 """The series a ``distance_to_gt`` term takes the RMS of, unless ``metric_name`` says otherwise."""
@@ -310,8 +311,8 @@ def load_spec(name_or_path: str | Path, metric_names: Collection[str] | None = N
 def parse_spec(
     raw: object, source: str = "reward", metric_names: Collection[str] | None = None
 ) -> RewardSpec:
-    """Check a parsed reward file (a mapping with a ``terms:`` list; Hydra nodes work) into a spec;
-    ``metric_names`` as in :func:`load_spec`."""
+    """Check a parsed reward file (a mapping with a ``terms:`` list; Hydra nodes work, their
+    ``_target_`` is ignored) into a spec; ``metric_names`` as in :func:`load_spec`."""
     if raw is None:
         raise RewardSpecError(f"{source}: empty; expected a mapping with a 'terms:' list")
     if not isinstance(raw, Mapping):

@@ -71,6 +71,7 @@ def build_configs(overrides: list[str], scenes_path: str, scene_ids: list[str]) 
     cfg = to_plain(compose_config(["policy.size=tiny", *overrides], "train"))
     policy = cfg["policy"]
     env = dict(cfg["env"], scenes_path=scenes_path, scene_ids=scene_ids)
+    env.pop("groups_from", None)  # read by the train command only
     env["config"] = {**env.get("config", {}), "obs_keys": list(policy["obs_keys"]),
                      "horizon": policy["horizon"]}
     starts = [int(s) for s in cfg["scenes"]["start_steps"]]
@@ -81,8 +82,8 @@ def build_configs(overrides: list[str], scenes_path: str, scene_ids: list[str]) 
 
 
 def starting_weights(policy: dict) -> np.ndarray:
+    from alpagym_ray.flat_params import flatten_params
     from alpagym_ray.targets import instantiate
-    from learners.flat_params import flatten_params
 
     torch.manual_seed(0)
     return flatten_params(instantiate(policy)).float().numpy()

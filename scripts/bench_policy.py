@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from alpagym_ray.flat_params import flatten_params, host_buffer, load_flat_params
 from alpagym_ray.observations import SPECS, mask_key
 from learners.bc import bc_loss
 from learners.checkpoint import load_checkpoint, save_checkpoint
-from learners.flat_params import flatten_params, load_flat_params
 from learners.trajectory_policy import ALL_DRIVESIM_KEYS, TrajectoryPolicy, TrajectoryPolicyConfig
 
 
@@ -72,6 +72,8 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device) -> dic
     flat = flatten_params(policy)
     r["flat_mb"] = flat.numel() * flat.element_size() / 2**20
     r["flatten_ms"] = 1e3 * timed(lambda: flatten_params(policy), device, args.repeats)
+    host = host_buffer(policy)  # what the learner publishes from: one reused (pinned on CUDA) host buffer
+    r["flatten_host_ms"] = 1e3 * timed(lambda: flatten_params(policy, out=host), device, args.repeats)
     r["load_flat_ms"] = 1e3 * timed(lambda: load_flat_params(policy, flat), device, args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

@@ -6,7 +6,8 @@ floor of one pinned host copy of the same bytes. Writes JSON.
 Per size (a model of float32 parameters in layer-sized tensors, ``--chunk`` elements at most each):
 
 * **learner** (a Ray actor, model on ``--device``): what ``alpagym_ray.learner._publish`` does:
-  ``learners.flat_params.flatten_params`` (one flat copy, moved to host memory), then
+  ``alpagym_ray.flat_params.flatten_params(model, out=host)`` (the weights copied into one host buffer
+  kept from publish to publish, pinned when the model is on CUDA), then
   ``ray.get(broadcaster.publish.remote(version, flat))``: Ray stores the argument in the object store,
   the ``WeightBroadcaster`` actor ``ray.put``s its own copy (so the weights outlive the learner) and
   answers. Timed: ``flatten_s``, ``publish_call_s`` (argument transfer + the broadcaster's put, whose
@@ -39,9 +40,9 @@ import ray
 import torch
 from torch import nn
 
+from alpagym_ray.flat_params import flatten_params, host_buffer, load_flat_params
 from alpagym_ray.rollout_worker import RolloutWorker
 from alpagym_ray.weights import WeightBroadcaster
-from learners.flat_params import flatten_params, load_flat_params
 
 
 class FlatModel(nn.Module):
@@ -64,12 +65,11 @@ class BenchLearner:
         self.model = FlatModel(num_parameters, chunk).to(device)
         self.device = torch.device(device)
         self.broadcaster = broadcaster
+        self.host = host_buffer(self.model)  # as learner rank 0: allocated once, rewritten per publish
 
     def publish(self, version: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        flat = flatten_params(self.model).detach().float().cpu().numpy()   # as learner._publish
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        flat = flatten_params(self.model, out=self.host).numpy()   # as learner._publish (synchronised)
         t1 = time.perf_counter()
         answer = ray.get(self.broadcaster.publish.remote(version, flat))
         t2 = time.perf_counter()

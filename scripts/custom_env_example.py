@@ -15,6 +15,9 @@ it trainable by alpagym-ray is its interface, not its physics:
 
     python scripts/custom_env_example.py --iterations 3 --run-dir runs/custom-env
 
+The same env through the Hydra CLI (``alpagym_ray/conf/env/gym.yaml`` names it; run from the repository
+root so that ``scripts`` imports): ``alpagym-ray train env=gym policy=trajectory_route policy.size=tiny``.
+
 The policy starts untrained here (real runs start from an open-loop model), so it leaves the road
 in most episodes at first. Measured on a shared 2-core CPU machine: ``--iterations 60 --num-envs 16
 --group-size 8 --lr 2e-3`` (3 min) moved the mean return from -4.0 (versions 0-9) to -3.1

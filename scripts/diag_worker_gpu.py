@@ -1,4 +1,4 @@
-"""Diagnostic: one rollout worker's group batch in-process (no Ray actors), timing each phase.
+"""Diagnostic: one rollout worker's group batch in-process (no Ray actors, fixed initial weights).
 
     python scripts/diag_worker_gpu.py --device cuda --envs 64 --size default
 """
@@ -10,20 +10,8 @@ import tempfile
 import time
 import warnings
 
-import ray
-
 from alpagym_ray.rollout_worker import GroupRequest, RolloutWorker
 from envs.drivesim.generate import small_scene_set
-
-
-class _Broadcaster:
-    """Stands in for the WeightBroadcaster: no newer weights ever."""
-
-    class _Pull:
-        def remote(self, version):
-            return (version, None)
-
-    pull_if_newer = _Pull()
 
 
 def main() -> None:
@@ -41,11 +29,12 @@ def main() -> None:
               "horizon": 20, "model": {"path": None}}
     env = {"_target_": "envs.drivesim.factory.make_batched_env", "scenes_path": root,
            "config": {"obs_keys": keys, "horizon": 20}}
-    reward = {"terms": [{"kind": "metric", "metric_name": "progress", "scale": 1.0}]}
-    ray.get = lambda x, **_: x  # the stand-in broadcaster answers directly
+    reward = {"_target_": "rewards.compute.reward_fn",
+              "terms": [{"kind": "metric", "metric_name": "progress", "scale": 1.0}]}
     t0 = time.perf_counter()
-    w = RolloutWorker("diag", env, policy, reward, _Broadcaster(), args.group, args.envs, args.device, 4)
+    w = RolloutWorker("diag", env, policy, reward, None, args.group, args.envs, args.device, 4)
     w.version = 0
+    w.set_profile(args.device != "cpu")
     print(f"worker built in {time.perf_counter() - t0:.1f} s", flush=True)
     reqs = [GroupRequest(f"g{i}", i, {"scene_id": scenes.ids[i % 4]}) for i in range(args.envs // args.group)]
     t0 = time.perf_counter()
@@ -53,6 +42,7 @@ def main() -> None:
     dt = time.perf_counter() - t0
     rows = sum(m.num_rows for m in metas)
     print(f"{len(reqs)} groups, {rows} decisions in {dt:.1f} s ({rows / dt:.0f} decisions/s)", flush=True)
+    print("phases (s): " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(w.phase_stats().items())), flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from envs.drivesim.generate import small_scene_set
 
 pytestmark = pytest.mark.ray
 
-REWARD = {"terms": [{"kind": "metric", "metric_name": "progress", "scale": 1.0},
+REWARD = {"_target_": "rewards.compute.reward_fn",
+          "terms": [{"kind": "metric", "metric_name": "progress", "scale": 1.0},
                     {"kind": "metric", "metric_name": "collision_any", "scale": -10.0},
                     {"kind": "metric", "metric_name": "offroad", "scale": -5.0}]}   # progress_safety
 POLICY = {"_target_": "learners.trajectory_policy.build_policy", "size": "tiny",
@@ -76,8 +77,9 @@ def test_grpo_run_against_our_alpasim_runtime(ray_session, tmp_path, scenes, mon
             policy=POLICY, reward=REWARD,
             learner={"group_size": 2, "groups_per_iteration": 2, "epochs": 1, "minibatches": 1, "lr": 1e-3,
                      "max_grad_norm": 1.0, "max_staleness": 1, "checkpoint_every": 1,
-                     "grpo": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0, "is_cap": 2.0,
-                              "scale_by_std": False, "kl_coef": 0.0}},
+                     "checkpoint_io": "learners.checkpoint",
+                     "algorithm": {"_target_": "learners.grpo.GRPO", "eps_low": 0.2, "eps_high": 0.28,
+                                   "dual_clip": 3.0, "is_cap": 2.0, "scale_by_std": False, "kl_coef": 0.0}},
             topology={"name": "test", "address": None, "num_rollout_workers": 1, "envs_per_worker": 2,
                       "rollout_cpus": 0, "rollout_gpus": 0, "rollout_device": "cpu", "num_learners": 1,
                       "learner_cpus": 0.5, "learner_use_gpu": False, "backend": "gloo", "max_failures": 1},

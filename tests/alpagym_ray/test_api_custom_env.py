@@ -185,11 +185,32 @@ def test_policy_keys_and_overrides_are_checked_before_ray(tmp_path):
         api.train(**_kwargs(tmp_path, learner={"grpo": {"eps": 0.1}}))
 
 
-def test_reward_presets_and_files_load_as_term_mappings(tmp_path):
-    assert [t["metric_name"] for t in api.load_reward("progress_safety")["terms"]] == \
-        ["progress", "collision_any", "offroad"]
+def test_reward_presets_and_files_load_as_config_nodes(tmp_path):
+    preset = api.load_reward("progress_safety")
+    assert [t["metric_name"] for t in preset["terms"]] == ["progress", "collision_any", "offroad"]
+    assert preset["_target_"] == api.REWARD_TARGET and preset["source"].startswith("reward 'progress_safety'")
     path = tmp_path / "mine.yaml"
     path.write_text("terms:\n  - {kind: metric, metric_name: progress, scale: 2.0}\n")
-    assert api.load_reward(path) == {"terms": [{"kind": "metric", "metric_name": "progress", "scale": 2.0}]}
+    assert api.load_reward(path) == {"_target_": api.REWARD_TARGET, "source": f"reward file '{path}'",
+                                     "terms": [{"kind": "metric", "metric_name": "progress", "scale": 2.0}]}
+    # a plain mapping gets the target; a node with its own target is left as it is
+    assert api.load_reward(REWARD) == {**REWARD, "_target_": api.REWARD_TARGET, "source": "reward (api.train)"}
+    mine = {"_target_": "my_rewards:build", "weight": 2.0}
+    assert api.load_reward(mine) == mine
     with pytest.raises(RewardSpecError, match="not found"):
         api.load_reward(tmp_path / "missing.yaml")
+    with pytest.raises(RewardSpecError, match=r"^reward \(api.train\), term 1: unknown metric_name 'speed'"):
+        api.train(**_kwargs(tmp_path, reward={"terms": [{"kind": "metric", "metric_name": "speed"}]}))
+
+
+def test_learner_overrides_reach_the_algorithm_node():
+    lc = api._learner_config({"lr": 0.1, "algorithm": {"kl_coef": 0.5}})
+    assert lc["lr"] == 0.1 and lc["algorithm"]["kl_coef"] == 0.5 and lc["algorithm"]["eps_low"] == 0.2
+    assert lc["algorithm"]["_target_"] == "learners.grpo.GRPO" and lc["checkpoint_io"] == "learners.checkpoint"
+    assert api._learner_config({"grpo": {"kl_coef": 0.5}})["algorithm"] == lc["algorithm"]  # the former name
+    other = {"_target_": "my_algos:PPO", "clip": 0.1}
+    assert api._learner_config({"algorithm": other})["algorithm"] == other  # another target: replaced whole
+    with pytest.raises(ValueError, match="learner.algorithm has no key 'eps'"):
+        api._learner_config({"algorithm": {"eps": 0.1}})
+    with pytest.raises(ValueError, match="not both"):
+        api._learner_config({"grpo": {}, "algorithm": {}})

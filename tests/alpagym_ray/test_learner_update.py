@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from alpagym_ray.learner import grpo_update
 from alpagym_ray.observations import SPECS, mask_key
-from learners.grpo import GRPOConfig, group_advantages
+from learners.grpo import GRPO, GRPOConfig, group_advantages
 from learners.trajectory_policy import build_policy
 
 KEYS = ("ego_history", "route")
@@ -71,18 +71,18 @@ def reference_step(policy, batch: dict, lr: float, cfg: GRPOConfig):
     return policy
 
 
-def project_step(policy, mbs: list[dict], global_rows: list[int], lr: float, cfg: GRPOConfig, world: int = 1):
+def project_step(policy, mbs: list[dict], global_rows: list[int], lr: float, algo: GRPO, world: int = 1):
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, eps=1e-6)
-    return grpo_update(policy, opt, params, mbs, global_rows, cfg, epochs=1, max_grad_norm=1.0, world=world)
+    return grpo_update(policy, opt, params, mbs, global_rows, algo, epochs=1, max_grad_norm=1.0, world=world)
 
 
 def test_synchronous_update_equals_plain_reference():
     policy, batch = make_batch()
-    cfg = GRPOConfig()
-    ref = reference_step(policy, batch, 1e-3, cfg)
+    algo = GRPO()
+    ref = reference_step(policy, batch, 1e-3, algo.config)
     mine = copy.deepcopy(policy)
-    stats = project_step(mine, [with_logp_old(mine, dict(batch))], [len(batch["advantage"])], 1e-3, cfg)
+    stats = project_step(mine, [with_logp_old(mine, dict(batch))], [len(batch["advantage"])], 1e-3, algo)
     assert stats["approx_kl"] == pytest.approx(0.0, abs=1e-6)  # ratio is 1 in synchronous mode
     for (name, a), b in zip(ref.state_dict().items(), mine.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -98,7 +98,7 @@ def _rank(rank: int, world: int, port: int, policy_state: dict, batch: dict, out
     policy.load_state_dict(policy_state)
     share = GROUPS // world
     mb = with_logp_old(policy, rows_of_groups(batch, range(rank * share, (rank + 1) * share)))
-    project_step(policy, [mb], [len(batch["advantage"])], 1e-3, GRPOConfig(), world=world)
+    project_step(policy, [mb], [len(batch["advantage"])], 1e-3, GRPO(), world=world)
     if rank == 0:
         out["state"] = {k: v.clone() for k, v in policy.state_dict().items()}
     dist.destroy_process_group()
@@ -107,7 +107,7 @@ def _rank(rank: int, world: int, port: int, policy_state: dict, batch: dict, out
 def test_two_gloo_learners_equal_one_on_the_same_global_batch():
     policy, batch = make_batch(seed=1)
     one = copy.deepcopy(policy)
-    project_step(one, [with_logp_old(one, dict(batch))], [len(batch["advantage"])], 1e-3, GRPOConfig())
+    project_step(one, [with_logp_old(one, dict(batch))], [len(batch["advantage"])], 1e-3, GRPO())
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -129,11 +129,39 @@ def test_micro_batches_accumulate_to_the_full_batch_update():
     policy, batch = make_batch(seed=2)
     full, micro = copy.deepcopy(policy), copy.deepcopy(policy)
     rows = len(batch["advantage"])
+    # plain SGD: the step is linear in the (clipped) gradient, so equal weights mean equal summed
+    # gradients. Adam's first step is lr * sign(g) and turns float-rounding differences of
+    # near-zero gradient entries into differences of up to lr.
     params = [p for p in full.parameters() if p.requires_grad]
-    grpo_update(full, torch.optim.Adam(params, lr=1e-3, eps=1e-6), params, [with_logp_old(full, dict(batch))],
-                [rows], GRPOConfig(), 1, 1.0, micro_batch_rows=rows)
+    grpo_update(full, torch.optim.SGD(params, lr=1e-2), params, [with_logp_old(full, dict(batch))],
+                [rows], GRPO(), 1, 1.0, micro_batch_rows=rows)
     params = [p for p in micro.parameters() if p.requires_grad]
-    grpo_update(micro, torch.optim.Adam(params, lr=1e-3, eps=1e-6), params, [with_logp_old(micro, dict(batch))],
-                [rows], GRPOConfig(), 1, 1.0, micro_batch_rows=7)
+    grpo_update(micro, torch.optim.SGD(params, lr=1e-2), params, [with_logp_old(micro, dict(batch))],
+                [rows], GRPO(), 1, 1.0, micro_batch_rows=7)
+    assert any(not torch.equal(a, b) for a, b in zip(policy.state_dict().values(), full.state_dict().values(),
+                                                      strict=True))  # the update moved the weights
     for name, a in full.state_dict().items():
         torch.testing.assert_close(micro.state_dict()[name], a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_learner_builds_its_algorithm_and_checkpoint_io_from_config():
+    from alpagym_ray.learner import build_algorithm, checkpoint_io
+
+    algo = build_algorithm({"algorithm": {"_target_": "learners.grpo.GRPO", "kl_coef": 0.1}})
+    assert isinstance(algo, GRPO) and algo.needs_reference and algo.config.kl_coef == 0.1
+    with pytest.raises(ValueError, match="learner.algorithm is missing.*former learner.grpo fields"):
+        build_algorithm({"grpo": {"kl_coef": 0.1}})
+    with pytest.raises(ValueError, match="must be a config node with a _target_"):
+        build_algorithm({"algorithm": {"kl_coef": 0.1}})
+    with pytest.raises(ValueError, match=r"built GRPOConfig, which lacks the methods \['advantages', 'loss'\]"):
+        build_algorithm({"algorithm": {"_target_": "learners.grpo.GRPOConfig"}})
+    with pytest.raises(TypeError, match="building learners.grpo.GRPO with \\['eps'\\]"):
+        build_algorithm({"algorithm": {"_target_": "learners.grpo.GRPO", "eps": 0.1}})
+    io = checkpoint_io("learners.checkpoint")
+    assert callable(io.save_checkpoint) and callable(io.load_optimizer_state)
+    with pytest.raises(ValueError, match=r"learner.checkpoint_io 'learners.grpo' lacks \['save_checkpoint'"):
+        checkpoint_io("learners.grpo")
+    with pytest.raises(ImportError, match="learner.checkpoint_io 'learners.nope': cannot import it"):
+        checkpoint_io("learners.nope")
+    with pytest.raises(ValueError, match="must be a module path"):
+        checkpoint_io(None)

@@ -18,11 +18,12 @@ from alpagym_ray import columns as C
 from alpagym_ray import train_loop
 from alpagym_ray.learner import grpo_update
 from envs.drivesim.generate import small_scene_set
-from learners.grpo import GRPOConfig, group_advantages
+from learners.grpo import GRPO, group_advantages
 
 pytestmark = pytest.mark.ray
 
-REWARD = {"terms": [{"kind": "metric", "metric_name": "progress", "scale": 1.0},
+REWARD = {"_target_": "rewards.compute.reward_fn",
+          "terms": [{"kind": "metric", "metric_name": "progress", "scale": 1.0},
                     {"kind": "metric", "metric_name": "collision_any", "scale": -10.0},
                     {"kind": "metric", "metric_name": "offroad", "scale": -5.0}]}
 POLICY = {"_target_": "learners.trajectory_policy.build_policy", "size": "tiny",
@@ -47,8 +48,9 @@ def spec(tmp_path, scenes, iterations=2, max_staleness=1, workers=1, max_ticks=2
         policy=POLICY, reward=REWARD,
         learner={"group_size": 2, "groups_per_iteration": 2, "epochs": 1, "minibatches": 1, "lr": 1e-3,
                  "max_grad_norm": 1.0, "max_staleness": max_staleness, "checkpoint_every": 1,
-                 "grpo": {"eps_low": 0.2, "eps_high": 0.28, "dual_clip": 3.0, "is_cap": 2.0,
-                          "scale_by_std": False, "kl_coef": 0.0}},
+                 "checkpoint_io": "learners.checkpoint",
+                 "algorithm": {"_target_": "learners.grpo.GRPO", "eps_low": 0.2, "eps_high": 0.28,
+                               "dual_clip": 3.0, "is_cap": 2.0, "scale_by_std": False, "kl_coef": 0.0}},
         topology={"name": "test", "address": None, "num_rollout_workers": workers, "envs_per_worker": 2,
                   "rollout_cpus": 0, "rollout_gpus": 0, "rollout_device": "cpu", "num_learners": 1,
                   "learner_cpus": 0.5, "learner_use_gpu": False, "backend": "gloo", "max_failures": 2},
@@ -73,7 +75,7 @@ def test_killed_rollout_worker_loses_only_its_group(ray_session, tmp_path, scene
     s = spec(tmp_path, scenes, workers=2, max_ticks=None)   # whole episodes: the kill lands mid-group
     broadcaster, workers, buffer = train_loop.start_actors(s)
     ray.get([w.ping.remote() for w in workers], timeout=120)
-    from learners.flat_params import flatten_params
+    from alpagym_ray.flat_params import flatten_params
     from learners.trajectory_policy import build_policy
 
     flat = flatten_params(build_policy(**{k: v for k, v in POLICY.items() if k != "_target_"})).numpy()
@@ -138,7 +140,7 @@ def test_synchronous_mode_equals_a_single_process_replay(ray_session, tmp_path, 
         np.testing.assert_allclose(mb["logp_old"].numpy(), mb["logp_behavior"].numpy(), rtol=1e-4, atol=1e-4)
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-3, eps=1e-6)
-    grpo_update(policy, opt, params, [mb], [table.num_rows], GRPOConfig(), 1, 1.0)
+    grpo_update(policy, opt, params, [mb], [table.num_rows], GRPO(), 1, 1.0)
     trained = load_checkpoint(summary["checkpoint"])
     for (name, a), b in zip(policy.state_dict().items(), trained.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from learners.grpo import GRPOConfig, group_advantages, grpo_loss, truncated_is_weight
+from learners.grpo import GRPO, GRPOConfig, group_advantages, grpo_loss, truncated_is_weight
 
 
 def test_group_advantages_dr_grpo_and_std_scaling():
@@ -88,3 +88,26 @@ def test_bad_config_is_refused():
         GRPOConfig(eps_low=1.5)
     with pytest.raises(ValueError):
         GRPOConfig(is_cap=0.5)
+
+
+def test_grpo_algorithm_object_calls_the_pure_functions():
+    algo = GRPO(eps_low=0.1, eps_high=0.2, scale_by_std=True, kl_coef=0.05)
+    assert algo.config == GRPOConfig(eps_low=0.1, eps_high=0.2, scale_by_std=True, kl_coef=0.05)
+    assert algo.needs_reference and not GRPO().needs_reference
+    returns = torch.tensor([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]])
+    adv, informative = algo.advantages(returns)
+    ref_adv, ref_inf = group_advantages(returns, scale_by_std=True)
+    assert torch.equal(adv, ref_adv) and torch.equal(informative, ref_inf)
+    g = torch.Generator().manual_seed(0)
+    logp, old, beh, ref = (torch.randn(12, generator=g) for _ in range(4))
+    a = torch.randn(12, generator=g)
+    loss, stats = algo.loss(logp, old, beh, a, 30, ref)
+    ref_loss, ref_stats = grpo_loss(logp, old, beh, a, 30, algo.config, ref)
+    assert torch.equal(loss, ref_loss) and stats.keys() == ref_stats.keys()
+
+
+def test_grpo_algorithm_object_refuses_bad_fields():
+    with pytest.raises(ValueError, match="is_cap"):
+        GRPO(is_cap=0.5)
+    with pytest.raises(TypeError, match="eps"):
+        GRPO(eps=0.1)  # type: ignore[call-arg]

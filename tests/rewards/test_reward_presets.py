@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import yaml
 
+from alpagym_ray.targets import instantiate
+from envs.alpasim.env import ALPASIM_METRICS
 from envs.drivesim import metric_names as M
 from envs.drivesim.metric_names import DRIVESIM_METRICS
-from rewards import RewardFn, preset_names
+from rewards import RewardFn, RewardSpecError, preset_names, reward_fn
 from rewards.spec import preset_dir
 
 
@@ -16,6 +18,29 @@ from rewards.spec import preset_dir
 def test_every_preset_validates_against_drivesim(name):
     fn = RewardFn.from_file(name, DRIVESIM_METRICS)
     assert len(fn.term_names) >= 1
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_node_builds_its_reward_from_the_target(name, episode):
+    """What a rollout worker does: instantiate(reward node, metric_aggregations=env's) (no import of rewards)."""
+    node = yaml.safe_load((preset_dir() / f"{name}.yaml").read_text())
+    assert node["_target_"] == "rewards.compute.reward_fn"
+    built = instantiate(node, metric_aggregations=DRIVESIM_METRICS)
+    assert isinstance(built, RewardFn)
+    from_file = RewardFn.from_file(name, DRIVESIM_METRICS)
+    assert built.term_names == from_file.term_names
+    assert built.episode(episode()) == from_file.episode(episode())
+
+
+def test_reward_fn_names_its_source_in_errors():
+    node = yaml.safe_load((preset_dir() / "comfort.yaml").read_text())
+    # AlpaSim reports no comfort series: the first threshold term fails, naming the reward and the term
+    with pytest.raises(RewardSpecError, match=r"reward 'comfort' \(test\), term 4"):
+        instantiate({**node, "source": "reward 'comfort' (test)"}, metric_aggregations=ALPASIM_METRICS)
+    with pytest.raises(RewardSpecError, match=r"^reward config, term 1"):
+        reward_fn(DRIVESIM_METRICS, terms=[{"kind": "metric", "metric_name": "progres"}])
+    with pytest.raises(ValueError, match="source must be a non-empty string"):
+        reward_fn(DRIVESIM_METRICS, source="", terms=[{"kind": "metric", "metric_name": "progress"}])
 
 
 def test_progress_safety(episode, flags):
