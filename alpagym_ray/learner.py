@@ -28,6 +28,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import torch
 from ray import train as ray_train
@@ -129,17 +132,17 @@ def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, 
     table = pa_concat(batches)
     returns = torch.tensor([m.returns for m, _ in entries], dtype=torch.float32)      # [groups, G]
     adv, informative = algorithm.advantages(returns)
-    # one advantage per episode id, repeated on its decision rows
-    by_episode = {}
-    for g, (m, _) in enumerate(entries):
-        for j in range(returns.shape[1]):
-            by_episode[f"{m.group_id}/{j}"] = float(adv[g, j])
-    ep_ids = table.column(C.EPISODE_ID).to_pylist()
+    # one advantage per episode id, repeated on its decision rows (looked up in Arrow, not per row in Python)
+    keys = pa.array([f"{m.group_id}/{j}" for m, _ in entries for j in range(returns.shape[1])])
+    idx = pc.index_in(table.column(C.EPISODE_ID), value_set=keys)
+    if idx.null_count:
+        raise ValueError(f"load_groups: {idx.null_count} decision rows belong to no episode of their groups")
+    advantage = adv.reshape(-1).float()[torch.from_numpy(idx.to_numpy(zero_copy_only=False).astype(np.int64))]
     out = {
         "obs": {k: v.to(device) for k, v in C.observations(table, obs_keys).items()},
         "action": C.column_tensor(table, C.ACTION, (horizon, 3)).to(device),
         "logp_behavior": torch.from_numpy(table.column(C.LOGP_BEHAVIOR).to_numpy()).to(device),
-        "advantage": torch.tensor([by_episode[e] for e in ep_ids], dtype=torch.float32, device=device),
+        "advantage": advantage.to(device),
         "version": torch.from_numpy(table.column(C.POLICY_VERSION).to_numpy()),
         "informative": informative,
     }
@@ -147,8 +150,6 @@ def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, 
 
 
 def pa_concat(batches):
-    import pyarrow as pa
-
     return pa.Table.from_batches(batches).combine_chunks()
 
 
