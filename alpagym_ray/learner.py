@@ -36,7 +36,7 @@ import torch
 from ray import train as ray_train
 
 from alpagym_ray import columns as C
-from alpagym_ray.flat_params import flatten_params, host_buffer
+from alpagym_ray.flat_params import flat_size, flatten_params, host_buffer
 from alpagym_ray.targets import instantiate
 
 CHECKPOINT_IO_FUNCTIONS = ("save_checkpoint", "load_checkpoint", "load_optimizer_state")
@@ -260,10 +260,10 @@ def train_loop_per_worker(config: dict) -> None:
     version = _broadcast_int(version, device)
     run_dir = Path(config["run_dir"])
     writer = None
-    host = None
+    publisher = None
     if rank == 0:
-        host = host_buffer(policy)  # one (pinned, on CUDA) host buffer, rewritten by every publish
-        _publish(policy, host, broadcaster, buffer, version, run_dir)
+        publisher = Publisher(policy, broadcaster, buffer, run_dir, config.get("weights") or {}, device)
+        publisher.publish(version)
         # the starting weights of this (re)start, as published: what the first groups act with
         ckpt_tools.save_checkpoint(policy, run_dir / "checkpoints" / f"version_{version:06d}", policy_version=version,
                                    provenance={"algorithm": algo_name, "start_of_iteration": start_iteration})
@@ -298,9 +298,8 @@ def train_loop_per_worker(config: dict) -> None:
                        decisions=sum(int(mb["action"].shape[0]) for mb in mbs))
         checkpoint_now = (it + 1) % lc["checkpoint_every"] == 0 or it + 1 == config["iterations"]
         if rank == 0:
-            assert host is not None  # allocated by rank 0 above
-            publish_s = _publish(policy, host, broadcaster, buffer, version, run_dir)
-            metrics["publish_s"] = publish_s
+            assert publisher is not None  # built by rank 0 above
+            metrics.update(publisher.publish(version))
             _log(writer, metrics, shard["stats"], it, time.perf_counter() - t_iter)
         report_ckpt = None
         tmp = None
@@ -321,6 +320,8 @@ def train_loop_per_worker(config: dict) -> None:
             (run_dir / "checkpoints" / "latest.txt").write_text(f"version_{version:06d}\n")
     if writer is not None:
         writer.close()
+    if publisher is not None:
+        publisher.close()
 
 
 def _maybe_crash(config: dict, iteration: int, rank: int, run_dir: Path) -> None:
@@ -344,20 +345,56 @@ def _read_versions(run_dir: str) -> int:
         return -1
 
 
-def _publish(policy, host: torch.Tensor, broadcaster, buffer, version: int, run_dir: Path) -> float:
-    """Hand the weights to the broadcaster as ``version``; returns the seconds it took.
+class Publisher:
+    """Rank 0's side of the weights (DESIGN.md, "Weights"): publish the policy as ``version``.
 
-    ``host`` (float32 ``[flat_size]``, from :func:`host_buffer`) is rewritten in place: Ray copies the
-    argument into the object store when ``publish.remote`` is called, so reusing it next time is safe."""
-    t0 = time.perf_counter()
-    flat = flatten_params(policy, out=host).numpy()
-    ray.get(broadcaster.publish.remote(version, flat))
-    ray.get(buffer.on_published.remote(version))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "versions.json.tmp"
-    tmp.write_text(json.dumps({"highest_published": version, "time": time.time()}))
-    tmp.replace(run_dir / "versions.json")
-    return time.perf_counter() - t0
+    ``weights`` is the topology's weight settings: ``transport`` ``object_store`` (one host buffer,
+    pinned on CUDA, rewritten by every publish; Ray copies it into the object store when
+    ``publish.remote`` is called, so reusing it is safe) or ``collective`` (an NCCL / gloo group to
+    the rollout workers, :mod:`alpagym_ray.weight_sync`, which keeps the object-store copy current
+    itself), with ``backend``, ``bucket_mb``, ``timeout_s``, ``object_store_every``."""
+
+    def __init__(self, policy, broadcaster, buffer, run_dir: Path, weights: dict, device: torch.device):
+        self.policy, self.broadcaster, self.buffer, self.run_dir = policy, broadcaster, buffer, run_dir
+        self.transport = weights.get("transport", "object_store")
+        self.sender = None
+        if self.transport == "collective":
+            from alpagym_ray.weight_sync import WeightSender
+
+            self.sender = WeightSender(
+                broadcaster, backend=weights.get("backend", "nccl"), device=str(device),
+                bucket_bytes=int(float(weights.get("bucket_mb", 256)) * 2**20),
+                timeout_s=float(weights.get("timeout_s", 60.0)),
+                object_store_every=int(weights.get("object_store_every", 10)))
+            self.flat = torch.empty(flat_size(policy), dtype=torch.float32, device=device)
+        elif self.transport == "object_store":
+            self.host = host_buffer(policy)
+        else:
+            raise ValueError(f"topology.weight_transport must be object_store or collective, got {self.transport!r}")
+
+    def publish(self, version: int) -> dict[str, float]:
+        """Publish, tell the buffer, record the version on disk; returns timings (seconds)."""
+        t0 = time.perf_counter()
+        out: dict[str, float] = {}
+        if self.sender is not None:
+            info = self.sender.publish(version, flatten_params(self.policy, out=self.flat))
+            out["publish_collective"] = float(bool(info.get("collective")))
+            if info.get("error"):
+                print(f"weights v{version}: collective path failed ({info['error']}); served from the object store",
+                      flush=True)
+        else:
+            ray.get(self.broadcaster.publish.remote(version, flatten_params(self.policy, out=self.host).numpy()))
+        ray.get(self.buffer.on_published.remote(version))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / "versions.json.tmp"
+        tmp.write_text(json.dumps({"highest_published": version, "time": time.time()}))
+        tmp.replace(self.run_dir / "versions.json")
+        out["publish_s"] = time.perf_counter() - t0
+        return out
+
+    def close(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
 
 
 def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:

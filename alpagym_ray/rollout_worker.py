@@ -74,6 +74,7 @@ class RolloutWorker:
         torch_threads: int | None = 1,
         video_every: int = 0,
         run_dir: str | None = None,
+        weights: dict | None = None,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -85,6 +86,12 @@ class RolloutWorker:
         # built inside the actor from its _target_ node (registries do not travel), checked against the env
         self.reward_fn = instantiate(reward, metric_aggregations=self.env.metric_aggregations)
         self.broadcaster = broadcaster
+        # topology.weight_transport=collective: weights arrive over a gloo / NCCL group (weight_sync.py)
+        self.receiver = None
+        if (weights or {}).get("transport", "object_store") == "collective" and broadcaster is not None:
+            from alpagym_ray.weight_sync import WeightReceiver
+
+            self.receiver = WeightReceiver(broadcaster, worker_id, device=device)
         self.version = -1  # a (re)started worker force-pulls
         missing = [k for k in self.policy.obs_keys if k not in self.env.obs_keys]
         if missing:
@@ -107,6 +114,15 @@ class RolloutWorker:
     def pull_if_newer(self, wait: bool = False, timeout_s: float = 300.0) -> int:
         """Ask the broadcaster now and load newer weights (``wait``: until some version exists)."""
         t0 = time.perf_counter()
+        if self.receiver is not None:
+            first = wait and self.version < 0
+            new = self.receiver.poll(self.version, self._load_flat, wait_s=timeout_s if first else 0.0)
+            if new is not None:
+                self.version = new
+            elif first:
+                raise TimeoutError(f"worker {self.worker_id}: no weights received within {timeout_s} s")
+            self.pull_s += time.perf_counter() - t0
+            return self.version
         self._pending = None  # an answer still in flight is superseded by this one
         while self.broadcaster is not None:
             version, refs = ray.get(self.broadcaster.pull_if_newer.remote(self.version))
@@ -126,6 +142,9 @@ class RolloutWorker:
         acting at thousands of decisions/s spends no time on round trips to the broadcaster."""
         if self.broadcaster is None:
             return
+        if self.receiver is not None:
+            self.pull_if_newer()
+            return
         t0 = time.perf_counter()
         if self._pending is not None:
             ready, _ = ray.wait([self._pending], timeout=0)
@@ -140,9 +159,11 @@ class RolloutWorker:
     def _load(self, version: int, refs: list | None) -> None:
         if refs is None or version <= self.version:
             return
-        flat = ray.get(refs[0])
-        self.flat_tools(self.policy, torch.from_numpy(np.asarray(flat)).to(self.device))
+        self._load_flat(torch.from_numpy(np.asarray(ray.get(refs[0]))))
         self.version = version
+
+    def _load_flat(self, flat: torch.Tensor) -> None:
+        self.flat_tools(self.policy, flat.to(self.device))
 
     def phase_stats(self, reset: bool = False) -> dict[str, float]:
         """Seconds spent per phase since the start (or the last reset): ``policy`` (forward and

@@ -71,7 +71,8 @@ def start_actors(spec: RunSpec):
         worker_cls.options(
             num_cpus=topo["rollout_cpus"], num_gpus=topo["rollout_gpus"], max_restarts=-1, max_task_retries=0,
         ).remote(f"w{i}", spec.env, spec.policy, spec.reward, broadcaster, G, B, topo["rollout_device"],
-                 topo.get("torch_threads", 1), int(spec.extra.get("video_every", 0)) if i == 0 else 0, spec.run_dir)
+                 topo.get("torch_threads", 1), int(spec.extra.get("video_every", 0)) if i == 0 else 0, spec.run_dir,
+                 weight_settings(topo))
         for i in range(int(topo["num_rollout_workers"]))
     ]
     buffer = ray.remote(EpisodeBuffer).options(num_cpus=0, max_concurrency=64).remote(
@@ -92,7 +93,7 @@ def fit(spec: RunSpec, broadcaster, buffer):
         "buffer": buffer, "broadcaster": broadcaster, "policy": spec.policy, "learner": spec.learner,
         "iterations": spec.iterations, "seed": spec.seed, "run_dir": spec.run_dir,
         "use_gpu": bool(topo["learner_use_gpu"]), "torch_threads": topo.get("torch_threads", 1),
-        "resume_checkpoint": spec.resume_checkpoint,
+        "resume_checkpoint": spec.resume_checkpoint, "weights": weight_settings(topo),
         **{k: v for k, v in spec.extra.items() if k in ("crash_at_iteration", "write_steps")},
     }
     trainer = TorchTrainer(
@@ -105,6 +106,11 @@ def fit(spec: RunSpec, broadcaster, buffer):
                              failure_config=FailureConfig(max_failures=int(topo["max_failures"]))),
     )
     return trainer.fit()
+
+
+def weight_settings(topo: dict) -> dict:
+    """The topology's ``weight_*`` keys as ``{transport, backend, bucket_mb, timeout_s, object_store_every}``."""
+    return {k[len("weight_"):]: v for k, v in topo.items() if k.startswith("weight_")}
 
 
 def learner_resources(topo: dict) -> dict:
@@ -127,7 +133,7 @@ def run(spec: RunSpec) -> dict:
     summary = {
         "run_dir": str(run_dir), "iterations": spec.iterations, "wall_s": time.time() - t0,
         "final_version": ray.get(broadcaster.highest_version.remote()),
-        "buffer": stats, "last_metrics": result.metrics,
+        "buffer": stats, "weights": ray.get(broadcaster.stats.remote()), "last_metrics": result.metrics,
         "checkpoint": latest_checkpoint(run_dir),
     }
     for actor in [*workers, buffer, broadcaster]:
