@@ -221,6 +221,9 @@ class EpisodeBuffer:
         if self.gpi % (world_size * minibatches):
             raise ValueError(f"groups_per_iteration={self.gpi} must be a multiple of learners x minibatches "
                              f"= {world_size} x {minibatches}")
+        failed = self.shards.get(iteration)
+        if failed is not None and failed["future"].done() and failed["future"].exception() is not None:
+            self.shards.pop(iteration)  # a timed-out assembly is tried again by the next caller, not replayed
         if iteration not in self.shards:
             self.shards[iteration] = {"future": asyncio.ensure_future(
                 self._assemble(iteration, world_size, minibatches, timeout_s)), "taken": set()}

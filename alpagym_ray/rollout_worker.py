@@ -103,6 +103,8 @@ class RolloutWorker:
         self.flat_tools = load_flat_params
         self.pull_s = 0.0
         self._pending: ray.ObjectRef | None = None  # the outstanding pull_if_newer question
+        self._last_poll = 0.0
+        self.poll_interval_s = 0.02
         self.phase_s: dict[str, float] = {}  # seconds per phase of run_groups (see phase_stats)
         self.profile = False  # synchronise the device at each phase boundary (exact GPU phase times)
         # an mp4 of the first episode of a group every `video_every` versions (envs with render())
@@ -146,6 +148,9 @@ class RolloutWorker:
             self.pull_if_newer()
             return
         t0 = time.perf_counter()
+        if t0 - self._last_poll < self.poll_interval_s:
+            return  # asking at most every poll_interval_s: a new version comes once per learner iteration
+        self._last_poll = t0
         if self._pending is not None:
             ready, _ = ray.wait([self._pending], timeout=0)
             if not ready:

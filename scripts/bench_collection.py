@@ -10,9 +10,10 @@ env, policy and reward of ``alpagym_ray/conf/train.yaml`` (plus ``--override``s)
 
 * **Ray system**: the broadcaster, the rollout workers (Ray actors, ``--rollout-cpus`` each) and the
   episode buffer of ``alpagym_ray.train_loop.start_actors``; version 0 is published once, the buffer is
-  started with an unbounded staleness and nothing consumes, so it keeps every worker busy (its
-  admission, ownership of the results, per-decision ``pull_if_newer`` calls and Parquet writing
-  included). The buffer's ``env_steps`` counter is sampled every 0.1 s.
+  started with an unbounded staleness and a stand-in for an infinitely fast learner takes every
+  iteration's groups and drops them, so the buffer keeps every worker busy and the object store never
+  fills (its admission, ownership of the results, weight polls and Parquet writing included). The
+  buffer's ``env_steps`` counter is sampled every 0.1 s.
 * **Without Ray**: the same number of plain processes, each running a ``RolloutWorker`` directly
   (weights loaded once from the same flat buffer) in a loop of calls with the same requests, started
   together; every call's completion is time-stamped. Also one such worker alone in this process.
@@ -247,6 +248,18 @@ def measure_ray(cfg: dict, flat: np.ndarray, args: dict, run_dir: str) -> dict:
         ray.get(buffer.on_published.remote(0))
         t_start = time.monotonic()
         ray.get(buffer.start.remote(0, 0))  # the learner's part, then it stays paused
+        # an infinitely fast learner: take every iteration's groups and drop them, so finished groups do
+        # not pile up in the object store (spilling to disk would charge the learner's absence to Ray)
+        stop = threading.Event()
+
+        def consume() -> None:
+            it = 0
+            while not stop.is_set():
+                ray.get(buffer.take_shard.remote(it, 0, 1, 1, 3600.0))
+                it += 1
+
+        consumer = threading.Thread(target=consume, daemon=True)
+        consumer.start()
         t0 = t_start + args["warmup"]
         deadline = t0 + args["seconds"]
         events, last, cpu0, pulls0 = [], 0, None, []
@@ -261,6 +274,7 @@ def measure_ray(cfg: dict, flat: np.ndarray, args: dict, run_dir: str) -> dict:
                 last = stats["env_steps"]
             time.sleep(0.1)
         cpu_s, cpu_window = cpu_between(cpu0 or {}, tree_cpu_seconds()), time.monotonic() - t_cpu0
+        stop.set()
         pulls1 = ray.get([w.__ray_call__.remote(_pull_seconds) for w in workers], timeout=600)
         pull_s = [b - a for a, b in zip(ray.get(pulls0), pulls1, strict=True)]
         stats = ray.get(buffer.stats.remote())
@@ -268,7 +282,7 @@ def measure_ray(cfg: dict, flat: np.ndarray, args: dict, run_dir: str) -> dict:
         if stats["failed_groups"] or stats["events"].get("worker_failures"):
             raise RuntimeError(f"groups failed during the measurement: {stats['events']} {errors}")
         result = add_cpu(rate(events, t0, t0 + args["seconds"]), cpu_s, cpu_window)
-        result["buffer"] = {k: stats[k] for k in ("produced", "held", "accounting_ok", "env_steps")}
+        result["buffer"] = {k: stats[k] for k in ("produced", "consumed", "held", "accounting_ok", "env_steps")}
         # share of a worker's time spent asking the broadcaster for newer weights (a call per decision)
         result["worker_pull_fraction"] = statistics.mean(pull_s) / cpu_window
         for actor in [*workers, buffer, broadcaster]:
