@@ -16,6 +16,7 @@ the staleness bound, and hands every learner rank its equal share of each iterat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ class EpisodeBuffer:
         self.phase_s: Counter = Counter()   # worker seconds per rollout phase (GroupMeta.phase_s)
         self.t_start = time.time()
         self.task: asyncio.Task | None = None
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()      # something changed for the producer (_fill)
+        self.arrived = asyncio.Event()   # a worker call finished (groups held, dropped or failed)
         self.error: str | None = None
 
     # ---- control from the learner --------------------------------------------------------
@@ -168,8 +170,15 @@ class EpisodeBuffer:
             import traceback
 
             self.error = f"{type(e).__name__}: {e}\n{traceback.format_exc()}"
+            self.arrived.set()
 
     async def _await(self, w: int, meta_ref) -> None:
+        try:
+            await self._collect(w, meta_ref)
+        finally:
+            self.arrived.set()
+
+    async def _collect(self, w: int, meta_ref) -> None:
         batch, refs = self.in_flight[w]
         try:
             metas: list[GroupMeta] = await meta_ref
@@ -240,6 +249,7 @@ class EpisodeBuffer:
         t0 = time.time()
         train_version = self.base_version + iteration
         while True:
+            self.arrived.clear()  # before looking: a group arriving after this wakes the wait below
             if self.error:
                 raise RuntimeError(f"episode buffer failed: {self.error}")
             # stragglers beyond the bound (e.g. from before a learner restart) are dropped whole
@@ -249,14 +259,18 @@ class EpisodeBuffer:
                     self.counts["dropped_stale"] += len(h.meta.returns)
                 else:
                     fresh.append(h)
+            if len(fresh) < len(self.held):
+                self.wake.set()  # their admission slots are free: request replacements
             self.held = fresh
             if len(self.held) >= self.gpi:
                 break
-            if time.time() - t0 > timeout_s:
+            left = timeout_s - (time.time() - t0)
+            if left <= 0:
                 raise TimeoutError(f"iteration {iteration}: only {len(self.held)} of {self.gpi} groups within "
                                    f"{timeout_s} s (in flight: {len(self.in_flight)}, events: {dict(self.events)})")
-            self.wake.set()
-            await asyncio.sleep(0.01)
+            # event-driven, not polled: the learner waits here most of the time
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), timeout=min(left, 1.0))
         self.held.sort(key=lambda h: (h.meta.version_min, h.arrived))
         take, self.held = self.held[: self.gpi], self.held[self.gpi:]
         self.start_iteration = max(self.start_iteration, iteration + 1)
