@@ -401,7 +401,7 @@ def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
     """TensorBoard scalars and the console progress line of one iteration (rank 0)."""
     step = metrics["version"]
     for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "lr", "is_weight_mean",
-              "is_weight_max", "is_ess_fraction", "publish_s", "learner_s", "data_wait_s"):
+              "is_weight_max", "is_ess_fraction", "publish_s", "publish_collective", "learner_s", "data_wait_s"):
         if k in metrics:
             writer.add_scalar(f"learner/{k}", metrics[k], step)
     for k in ("return_mean", "return_std", "staleness_p50", "staleness_p99", "staleness_max", "buffer_groups",
@@ -412,6 +412,8 @@ def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
         writer.add_scalar(f"reward/{t}", v, step)
     for k, v in stats.get("episode_means", {}).items():
         writer.add_scalar(f"episode/{k}", v, step)
+    for k, v in stats.get("rollout_phase_fraction", {}).items():  # where rollout workers spend their time
+        writer.add_scalar(f"time/rollout_{k}_fraction", v, step)
     writer.add_scalar("learner/decisions_per_s", metrics["decisions"] / max(metrics["learner_s"], 1e-9), step)
     writer.add_scalar("time/iteration_s", iter_s, step)
     writer.flush()

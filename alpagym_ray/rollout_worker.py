@@ -104,7 +104,7 @@ class RolloutWorker:
         self.pull_s = 0.0
         self._pending: ray.ObjectRef | None = None  # the outstanding pull_if_newer question
         self._last_poll = 0.0
-        self.poll_interval_s = 0.02
+        self.poll_interval_s = 0.1
         self.phase_s: dict[str, float] = {}  # seconds per phase of run_groups (see phase_stats)
         self.profile = False  # synchronise the device at each phase boundary (exact GPU phase times)
         # an mp4 of the first episode of a group every `video_every` versions (envs with render())
