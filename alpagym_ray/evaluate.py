@@ -51,5 +51,7 @@ def evaluate(env, policy, options: Sequence[dict], reward_fn=None, deterministic
                     rows.setdefault("return", []).append(float(total))
             alive &= ~ended
     out = {k: float(np.nanmean(v)) for k, v in rows.items() if np.isfinite(v).any()}
+    if "return" in rows and len(rows["return"]) > 1:  # the standard error says how far to trust a difference
+        out["return_sem"] = float(np.std(rows["return"], ddof=1) / np.sqrt(len(rows["return"])))
     out["episodes"] = len(options)
     return out

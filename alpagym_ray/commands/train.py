@@ -326,10 +326,13 @@ def _with_checkpoint(policy: dict, path: str) -> dict:
 
 
 def evaluate_checkpoint(env: dict, policy: dict, reward: dict, cfg: Any, options: list[dict]) -> dict:
-    """Mean held-out episode metrics and return of ``policy`` over ``options`` (one episode each)."""
+    """Mean held-out episode metrics and return of ``policy`` over ``options`` (``eval.episodes_per_start``
+    episodes each)."""
     from alpagym_ray.evaluate import evaluate
     from alpagym_ray.targets import instantiate
 
+    # each start several times (sampling differs): failures are rare events, one episode each is too noisy
+    options = [o for o in options for _ in range(int(cfg.eval.get("episodes_per_start", 1)))]
     sim = instantiate(env, num_envs=min(int(cfg.eval.num_envs), len(options)), device="cpu")
     try:
         pol = instantiate(policy).eval()
@@ -341,7 +344,8 @@ def evaluate_checkpoint(env: dict, policy: dict, reward: dict, cfg: Any, options
 
 def _fmt(m: dict) -> str:
     keys = ("return", "scene_score", "progress", "collision_any", "offroad")
-    return "  ".join(f"{k} {m[k]:.3f}" for k in keys if k in m)
+    sem = f" (±{m['return_sem']:.3f} s.e., {m.get('episodes', 0)} episodes)" if "return_sem" in m else ""
+    return "  ".join(f"{k} {m[k]:.3f}" + (sem if k == "return" else "") for k in keys if k in m)
 
 
 if __name__ == "__main__":
