@@ -45,13 +45,22 @@ def init_ray(topology: dict) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported (already done here): the
+        # processes it starts inherit the variable, this one gets the flag itself and the node address, so
+        # that every Ray server of a local run listens on 127.0.0.1 only (tests/alpagym_ray/test_job_submit.py)
+        local: dict = {"log_to_driver": True}
+        if os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = False
+            local["_node_ip_address"] = "127.0.0.1"
         # the dashboard serves Ray's state API (Ray Train's cleaner polls it): on 127.0.0.1 only
         try:
-            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+            ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **local)
         except Exception as e:  # Ray without its [default] extras has no dashboard: run without it
             print(f"Ray dashboard unavailable ({e}); starting without it", flush=True)
             ray.shutdown()
-            ray.init(include_dashboard=False, log_to_driver=True)
+            ray.init(include_dashboard=False, **local)
 
 
 def start_actors(spec: RunSpec):

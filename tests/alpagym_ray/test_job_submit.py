@@ -297,3 +297,47 @@ def test_training_job_leaves_a_checkpoint_and_tensorboard_events(ray_head):
     assert "address: auto" in (run_dir / "config.yaml").read_text()
     # the job's own processes (driver, actors) stayed on 127.0.0.1 too
     assert_loopback_only(ray_head)
+
+
+LOCAL_RAY = """
+import sys, time
+from alpagym_ray.train_loop import init_ray
+init_ray({"address": None})
+import ray
+@ray.remote(num_cpus=0)
+class A:
+    def ping(self):
+        return 1
+a = A.remote()
+ray.get(a.ping.remote())
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_local_run_keeps_every_ray_server_on_loopback():
+    """``alpagym-ray train`` without an address starts Ray in-process: its GCS, raylet, dashboard and
+    actors listen on 127.0.0.1 only (the environment does not say RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
+    tmp = tempfile.mkdtemp(prefix="agr", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
+    env.update(RAY_TMPDIR=tmp, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.Popen([sys.executable, "-c", LOCAL_RAY], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.strip() == "ready":
+                break
+        assert lines and lines[-1].strip() == "ready", "".join(lines)[-3000:]
+        owners = socket_owners(session_pids(proc.pid))
+        listeners = [(a, p, owners[i]) for a, p, i in listening_sockets() if i in owners]
+        assert listeners, "no listening socket found for the local Ray processes"
+        exposed = [(str(a), p, pid) for a, p, pid in listeners if not a.is_loopback]
+        assert not exposed, f"local Ray listens beyond 127.0.0.1: {exposed}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)
