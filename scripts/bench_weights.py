@@ -93,6 +93,8 @@ class BenchWorker(RolloutWorker):
         self.flat_tools = load_flat_params
         self.version = -1
         self.pull_s = 0.0
+        self.receiver = None  # the object-store path (topology.weight_transport=object_store)
+        self._pending = None
 
     def pull(self) -> dict[str, float]:
         t0 = time.perf_counter()
