@@ -81,6 +81,7 @@ class EpisodeBuffer:
         self.events: Counter = Counter()     # worker_failures, group_failures, retries
         self.staleness: list[int] = []
         self.env_steps = 0
+        self.decision_rows = 0               # decision rows produced (env_steps / decision_rows = ticks per row)
         self.rollout_wall = 0.0
         self.phase_s: Counter = Counter()   # worker seconds per rollout phase (GroupMeta.phase_s)
         self.t_start = time.time()
@@ -205,6 +206,7 @@ class EpisodeBuffer:
             n = len(meta.returns)
             self.counts["produced"] += n
             self.env_steps += meta.env_steps
+            self.decision_rows += meta.num_rows
             self.rollout_wall += meta.wall_s
             self._write_episodes(meta.episodes)
             if np.ptp(meta.returns) <= 1e-9 and self.zero_var_drops[it] < self.max_zero_variance_retries * self.gpi:
@@ -312,7 +314,8 @@ class EpisodeBuffer:
             "produced": self.counts["produced"], "consumed": self.counts["consumed"], "held": held,
             **dropped, "failed_groups": self.counts["dropped_failed_groups"],
             "accounting_ok": self.counts["produced"] == self.counts["consumed"] + sum(dropped.values()) + held,
-            "env_steps": self.env_steps, "events": dict(self.events), "published": self.published,
+            "env_steps": self.env_steps, "produced_decisions": self.decision_rows, "events": dict(self.events),
+            "published": self.published,
             "in_flight": len(self.in_flight),
             "rollout_env_steps_per_s": self.env_steps / max(time.time() - self.t_start, 1e-9),
             "rollout_phase_fraction": {k: v / max(sum(self.phase_s.values()), 1e-9) for k, v in self.phase_s.items()},
