@@ -211,7 +211,7 @@ class _Group:
     def _build(self) -> Any:
         timeout = timedelta(seconds=self.timeout_s)
         if self.backend == "gloo":
-            opts = dist.ProcessGroupGloo._Options()
+            opts = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # no public constructor
             opts._devices = [dist.ProcessGroupGloo.create_device(hostname=self.host)]
             opts._timeout = timeout
             return dist.ProcessGroupGloo(self.store, self.rank, self.world, opts)
@@ -405,9 +405,9 @@ class WeightSender:
         where = f"weight sync epoch {epoch}, version {version}"
         while len(self._stale_keys) > 2:  # the keys of two versions ago: no member reads them any more
             old_group, keys = self._stale_keys.popleft()
-            for k in keys:
+            for old_key in keys:
                 with contextlib.suppress(Exception):
-                    old_group.store.delete_key(k)
+                    old_group.store.delete_key(old_key)
         k = _keys(version)
         ready = [_keys(version, r)["ready"] for r in ranks.values()]
         done = [_keys(version, r)["done"] for r in ranks.values()]
@@ -417,11 +417,11 @@ class WeightSender:
             g.store.wait(ready, timeout)
         except Exception as e:
             missing = [w for w, r in ranks.items() if not g.store.check([_keys(version, r)["ready"]])]
-            g.store.set(k["go"], b"abort")  # the members already waiting return at once
+            g.store.set(k["go"], "abort")  # the members already waiting return at once
             raise WeightSyncError(f"{where}: worker(s) {missing} did not join within {self.timeout_s} s "
                                   f"({type(e).__name__})", missing) from e
         t1 = time.perf_counter()
-        g.store.set(k["go"], b"go")
+        g.store.set(k["go"], "go")
         layout = bucket_layout(wire.numel(), bucket_numel)
         error = ""
         try:
@@ -630,7 +630,7 @@ class WeightReceiver:
             if self._ready is not None and self._ready[1] is buf:
                 self._ready = None  # about to be overwritten
             try:
-                g.store.set(k["ready"], b"1")
+                g.store.set(k["ready"], "1")
                 g.store.wait([k["go"]], timedelta(seconds=timeout))
                 if g.store.get(k["go"]) != b"go":
                     self.counts["aborted"] += 1
@@ -640,10 +640,10 @@ class WeightReceiver:
                                    timeout, f"{where}: broadcast", g.abort)
             except Exception as e:  # the sender learns it from the done key (or its own timeout)
                 with contextlib.suppress(Exception):
-                    g.store.set(k["done"], f"{where}: {type(e).__name__}: {e}"[:500].encode())
+                    g.store.set(k["done"], f"{where}: {type(e).__name__}: {e}"[:500])
                 self._drop_group()
                 raise
-            g.store.set(k["done"], b"ok")
+            g.store.set(k["done"], "ok")
             self._ready = (version, buf)
             self._have = max(self._have, version)
             self.counts["collective"] += 1
