@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -418,9 +419,11 @@ def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
     writer.add_scalar("time/iteration_s", iter_s, step)
     writer.flush()
     em = stats.get("episode_means", {})
-    print(f"iter {it:4d}  v{step:<4d} return {stats['return_mean']:+.3f}±{stats['return_std']:.3f}  "
+    # written, not print()ed: Ray Train patches print() in its workers and the line would appear twice
+    sys.stdout.write(f"iter {it:4d}  v{step:<4d} return {stats['return_mean']:+.3f}±{stats['return_std']:.3f}  "
           f"collision {em.get('collision_any', float('nan')):.2f}  offroad {em.get('offroad', float('nan')):.2f}  "
           f"env-steps/s {stats.get('rollout_env_steps_per_s', 0):,.0f}  "
           f"decisions/s(learn) {metrics['decisions'] / max(metrics['learner_s'], 1e-9):,.0f}  "
           f"staleness {stats['staleness_max']:.0f}  loss {metrics.get('loss', float('nan')):+.4f}  "
-          f"kl {metrics.get('approx_kl', float('nan')):.4f}  {iter_s:.1f}s", flush=True)
+          f"kl {metrics.get('approx_kl', float('nan')):.4f}  {iter_s:.1f}s\n")
+    sys.stdout.flush()
