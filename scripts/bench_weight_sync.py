@@ -34,24 +34,11 @@ from typing import Any
 
 import ray
 import torch
-from torch import nn
+from bench_weights import FlatModel  # scripts/: the same synthetic model as the object-store benchmark
 
 from alpagym_ray.flat_params import flatten_params, load_flat_params
 from alpagym_ray.weight_sync import WeightReceiver, WeightSender
 from alpagym_ray.weights import WeightBroadcaster
-
-
-class FlatModel(nn.Module):
-    """``num_parameters`` float32 parameters in tensors of at most ``chunk`` elements (random values)."""
-
-    def __init__(self, num_parameters: int, chunk: int, seed: int = 0):
-        super().__init__()
-        if num_parameters < 1 or chunk < 1:
-            raise ValueError(f"FlatModel: num_parameters={num_parameters} and chunk={chunk} must be >= 1")
-        gen = torch.Generator().manual_seed(seed)
-        rest = num_parameters % chunk
-        sizes = [chunk] * (num_parameters // chunk) + ([rest] if rest else [])
-        self.layers = nn.ParameterList(nn.Parameter(torch.randn(n, generator=gen)) for n in sizes)
 
 
 class BenchSender:

@@ -34,3 +34,14 @@ def nuscenes_mini_dir() -> Path:
     if not NUSCENES_MINI.is_dir() or not any(NUSCENES_MINI.glob("*.pkl")):
         pytest.skip(f"nuScenes-mini scenes not found at {NUSCENES_MINI}")
     return NUSCENES_MINI
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread, and a busy 2-core machine does not thrash."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -13,12 +13,7 @@ from learners.trajectory_policy import TrajectoryPolicy, TrajectoryPolicyConfig
 KEYS = ("ego_history", "route")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _policy(seed: int) -> TrajectoryPolicy:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from alpagym_ray import cli
 from alpagym_ray import columns as C
@@ -26,12 +25,7 @@ FAST = ["policy=trajectory_route", "policy.size=tiny", "policy.num_anchors=16", 
         "topology.learner_cpus=0.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.ray

@@ -69,12 +69,3 @@ def make_obs():
 @pytest.fixture
 def make_driving():
     return driving_samples
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread, and a busy 2-core machine does not thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
