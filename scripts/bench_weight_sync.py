@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from typing import Any
 
 import ray
 import torch
-from bench_weights import FlatModel  # scripts/: the same synthetic model as the object-store benchmark
+from bench_weights import FlatModel, machine_meta  # scripts/: the same synthetic model as the object-store benchmark
 
 from alpagym_ray.flat_params import flatten_params, load_flat_params
 from alpagym_ray.weight_sync import WeightReceiver, WeightSender
@@ -197,11 +196,8 @@ def main() -> None:
                 results.append(r)
     finally:
         ray.shutdown()
-    meta = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "backend": args.backend, "gpus": gpus,
-            "gpu": torch.cuda.get_device_name(0) if gpus else None,
-            "object_store_bytes": store, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    meta = machine_meta(backend=args.backend, gpus=gpus, gpu=torch.cuda.get_device_name(0) if gpus else None,
+                        object_store_bytes=store, loadavg_before=load_before)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "args": vars(args), "results": results}, indent=1))
     print(f"{'params':>12} {'MB':>6} {'mode':>12} {'publish ms':>11} {'end-to-end ms':>14} {'GB/s':>6}")

@@ -58,6 +58,13 @@ class FlatModel(nn.Module):
         self.layers = nn.ParameterList(nn.Parameter(torch.randn(n, generator=gen)) for n in sizes)
 
 
+def machine_meta(**extra: Any) -> dict:
+    """What a weight benchmark ran on (plus ``extra``), with the load average after it."""
+    return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            **extra, "loadavg_after": os.getloadavg()}
+
+
 class BenchLearner:
     """The learner side of a publish (rank 0 of ``alpagym_ray.learner``)."""
 
@@ -215,11 +222,9 @@ def main() -> None:
             results.append(r)
     finally:
         ray.shutdown()
-    meta = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "device": args.device,
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "object_store_bytes": store, "loadavg_before": load_before, "loadavg_after": os.getloadavg()}
+    meta = machine_meta(device=args.device,
+                        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                        object_store_bytes=store, loadavg_before=load_before)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "args": vars(args), "results": results}, indent=1))
     columns = ("flatten_s", "publish_call_s", "pull_s", "end_to_end_s", "floor_s")
