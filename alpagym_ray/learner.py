@@ -38,6 +38,7 @@ from ray import train as ray_train
 
 from alpagym_ray import columns as C
 from alpagym_ray.flat_params import flat_size, flatten_params, host_buffer
+from alpagym_ray.precision import autocast, check_precision, set_matmul_precision
 from alpagym_ray.targets import instantiate
 
 CHECKPOINT_IO_FUNCTIONS = ("save_checkpoint", "load_checkpoint", "load_optimizer_state")
@@ -160,26 +161,39 @@ def _rows(mb: dict, sl: slice) -> tuple[dict, dict]:
 
 
 def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[int], algorithm: Algorithm,
-                epochs: int, max_grad_norm: float, world: int = 1, micro_batch_rows: int = 4096) -> dict[str, float]:
+                epochs: int, max_grad_norm: float, world: int = 1, micro_batch_rows: int = 4096,
+                precision: str = "fp32") -> dict[str, float]:
     """``epochs`` passes over the minibatches of one iteration; mean stats over the updates.
 
     Each minibatch dict holds ``obs``, ``action``, ``logp_old``, ``logp_behavior``, ``advantage``
     (and ``logp_ref``); ``global_rows[m]`` is minibatch m's decision rows summed over all ranks.
     A minibatch is processed in micro-batches of ``micro_batch_rows`` rows whose gradients add up
     (each micro-batch loss already carries 1 / global rows), so memory stays bounded on any batch.
-    The loss of a micro-batch is ``algorithm.loss`` (:class:`Algorithm`)."""
+    The loss of a micro-batch is ``algorithm.loss`` (:class:`Algorithm`).
+
+    The first minibatch may come without ``logp_old``: its first pass runs before any step, under
+    the weights of the start of the iteration, so π_old is that pass's own log-prob (detached), kept
+    for later epochs. That saves one forward pass over it (with one minibatch, a quarter of the
+    learner's work) and changes nothing else."""
     agg: dict[str, float] = {}
     n = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for m, mb in enumerate(mbs):
+            fill_old = "logp_old" not in mb
+            if fill_old and (epoch or m):
+                raise ValueError(f"grpo_update: minibatch {m} has no logp_old (only the first may omit it)")
+            old_parts: list[torch.Tensor] = []
             optimizer.zero_grad(set_to_none=False)
             rows = int(mb["action"].shape[0])
             stats_sum: dict[str, float] = {}
             loss_sum = 0.0
             for start in range(0, rows, micro_batch_rows):
                 obs, t = _rows(mb, slice(start, start + micro_batch_rows))
-                logp = policy.log_prob(obs, t["action"])
-                loss, stats = algorithm.loss(logp, t["logp_old"], t["logp_behavior"], t["advantage"],
+                with autocast(precision, t["action"].device):
+                    logp = policy.log_prob(obs, t["action"])
+                logp_old = logp.detach() if fill_old else t["logp_old"]
+                old_parts.append(logp_old)
+                loss, stats = algorithm.loss(logp, logp_old, t["logp_behavior"], t["advantage"],
                                              global_rows[m], t.get("logp_ref"))
                 loss.backward()
                 loss_sum += float(loss.detach())
@@ -189,6 +203,8 @@ def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[in
                         stats_sum[name] = max(stats_sum.get(name, 0.0), float(v))
                     else:
                         stats_sum[name] = stats_sum.get(name, 0.0) + float(v) * k
+            if fill_old:
+                mb["logp_old"] = torch.cat(old_parts) if old_parts else mb["logp_behavior"][:0]
             _allreduce_grads(params)  # sum over ranks: the loss already divides by the global rows
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
@@ -200,11 +216,12 @@ def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[in
     return {k: v / max(n, 1) for k, v in agg.items()}
 
 
-def log_probs(policy, mb: dict, micro_batch_rows: int = 4096, key: str = "action") -> torch.Tensor:
+def log_probs(policy, mb: dict, micro_batch_rows: int = 4096, key: str = "action",
+              precision: str = "fp32") -> torch.Tensor:
     """``log π(a|s)`` of every row of a minibatch, in micro-batches, without gradient."""
     rows = int(mb[key].shape[0])
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), autocast(precision, mb[key].device):
         for start in range(0, rows, micro_batch_rows):
             obs, t = _rows(mb, slice(start, start + micro_batch_rows))
             out.append(policy.log_prob(obs, t[key]).float())
@@ -228,6 +245,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(config["seed"])
     torch.set_num_threads(config.get("torch_threads", 1))
     device = torch.device("cuda" if config["use_gpu"] and torch.cuda.is_available() else "cpu")
+    precision = check_precision(config.get("precision", "fp32"))  # as the rollout workers act
+    set_matmul_precision(precision)
     buffer, broadcaster = config["buffer"], config["broadcaster"]
     lc = config["learner"]
     algorithm = build_algorithm(lc)
@@ -280,22 +299,27 @@ def train_loop_per_worker(config: dict) -> None:
         shard = ray.get(buffer.take_shard.remote(it, rank, world, M))
         t_data = time.perf_counter()
         mbs = [load_groups(entries, obs_keys, horizon, device, algorithm) for entries in shard["minibatches"]]
+        t_load = _synced(device)
         micro = int(lc.get("micro_batch_rows", 4096))
-        for mb in mbs:  # π_old: the weights at the start of the iteration
-            mb["logp_old"] = log_probs(policy, mb, micro)
+        for m, mb in enumerate(mbs):  # π_old: the weights at the start of the iteration
+            if m:  # the first minibatch's comes from its own first pass (grpo_update)
+                mb["logp_old"] = log_probs(policy, mb, micro, precision=precision)
             if reference is not None:
-                mb["logp_ref"] = log_probs(reference, mb, micro)
+                mb["logp_ref"] = log_probs(reference, mb, micro, precision=precision)
+        t_old = _synced(device)
         agg = grpo_update(policy, optimizer, params, mbs, shard["global_rows"], algorithm, epochs,
-                          lc["max_grad_norm"], world, micro)
+                          lc["max_grad_norm"], world, micro, precision)
+        t_update = _synced(device)
         if config.get("write_steps"):
             _write_steps(run_dir, it, rank, shard["minibatches"])
-        with torch.no_grad():
+        with torch.no_grad(), autocast(precision, device):
             head = {k: v[:micro] for k, v in mbs[0]["obs"].items()}
             entropy = float(policy.entropy(head).mean()) if hasattr(policy, "entropy") else math.nan
         version += 1
         metrics = dict(agg)
         metrics.update(iteration=it, version=version, entropy=entropy, lr=optimizer.param_groups[0]["lr"],
                        learner_s=time.perf_counter() - t_data, data_wait_s=t_data - t_iter,
+                       load_s=t_load - t_data, old_logp_s=t_old - t_load, update_s=t_update - t_old,
                        decisions=sum(int(mb["action"].shape[0]) for mb in mbs))
         checkpoint_now = (it + 1) % lc["checkpoint_every"] == 0 or it + 1 == config["iterations"]
         if rank == 0:
@@ -323,6 +347,13 @@ def train_loop_per_worker(config: dict) -> None:
         writer.close()
     if publisher is not None:
         publisher.close()
+
+
+def _synced(device: torch.device) -> float:
+    """``perf_counter`` after the device's queued work (phase times of the learner, once per phase)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _maybe_crash(config: dict, iteration: int, rank: int, run_dir: Path) -> None:
@@ -402,7 +433,8 @@ def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
     """TensorBoard scalars and the console progress line of one iteration (rank 0)."""
     step = metrics["version"]
     for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "lr", "is_weight_mean",
-              "is_weight_max", "is_ess_fraction", "publish_s", "publish_collective", "learner_s", "data_wait_s"):
+              "is_weight_max", "is_ess_fraction", "publish_s", "publish_collective", "learner_s", "data_wait_s",
+              "load_s", "old_logp_s", "update_s"):
         if k in metrics:
             writer.add_scalar(f"learner/{k}", metrics[k], step)
     for k in ("return_mean", "return_std", "staleness_p50", "staleness_p99", "staleness_max", "buffer_groups",

@@ -23,6 +23,7 @@ import torch
 from alpagym_ray import columns as C
 from alpagym_ray.flat_params import load_flat_params
 from alpagym_ray.observations import mask_key
+from alpagym_ray.precision import autocast, check_precision, set_matmul_precision
 from alpagym_ray.targets import instantiate
 
 
@@ -75,11 +76,14 @@ class RolloutWorker:
         video_every: int = 0,
         run_dir: str | None = None,
         weights: dict | None = None,
+        precision: str = "fp32",
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker_id = worker_id
         self.device = torch.device(device)
+        self.precision = check_precision(precision)  # the learner computes log-probs the same way
+        set_matmul_precision(precision)
         self.group_size = group_size
         self.env = instantiate(env, num_envs=num_envs, device=device)
         self.policy = instantiate(policy).to(self.device).eval()
@@ -228,7 +232,7 @@ class RolloutWorker:
             if record and alive[0]:
                 frames.append(self.env.render(0))
             clock.lap("other")
-            with torch.no_grad():
+            with torch.no_grad(), autocast(self.precision, self.device):
                 action, logp, _ = self.policy.act(obs, generator=gen)
             clock.lap("policy")
             rec.decision(alive, obs, action[:n].reshape(n, -1), logp[:n], self.version, n)

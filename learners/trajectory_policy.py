@@ -388,9 +388,15 @@ class TrajectoryPolicy(nn.Module):
 
     def distribution(self, obs: Mapping[str, torch.Tensor]) -> MixtureParams:
         """The action distribution for a batch of observations."""
+        out = self.head(self.encode(obs))
+        # under a bf16 autocast (alpagym_ray.precision) only the network runs in bf16: the mixture,
+        # its densities and the splines stay float32, so log-probs keep their precision
+        with torch.autocast(out.device.type, enabled=False):
+            return self._mixture(out.float(), obs)
+
+    def _mixture(self, out: torch.Tensor, obs: Mapping[str, torch.Tensor]) -> MixtureParams:
         cfg = self.config
         k, c = cfg.num_anchors, cfg.num_control_points
-        out = self.head(self.encode(obs))
         b = out.shape[0]
         logits = out[:, :k]
         offset = out[:, k : k + 2 * k * c].reshape(b, k, c, 2)
@@ -404,7 +410,13 @@ class TrajectoryPolicy(nn.Module):
 
     def trajectory(self, control: torch.Tensor) -> torch.Tensor:
         """Control points ``[B, C, 2]`` -> action ``[B, H, 3]``."""
-        return trajectory_from_control(control, self.spline_w, self.spline_dw, self.config.min_speed)
+        with torch.autocast(control.device.type, enabled=False):
+            return trajectory_from_control(control.float(), self.spline_w, self.spline_dw, self.config.min_speed)
+
+    def _control_points(self, action: torch.Tensor) -> torch.Tensor:
+        """Action ``[B, H, >=2]`` -> its control points ``[B, C, 2]``, in float32 whatever the autocast."""
+        with torch.autocast(action.device.type, enabled=False):
+            return control_points_of(action.to(self.anchors.dtype), self.steps)
 
     def act(
         self,
@@ -434,7 +446,7 @@ class TrajectoryPolicy(nn.Module):
             control = mean + std * noise
         action = self.trajectory(control)
         # logp from the action's own control points: exactly what log_prob(obs, action) computes
-        logp = dist.log_prob(control_points_of(action, self.steps))
+        logp = dist.log_prob(self._control_points(action))
         extras = {"anchor": anchor, "anchor_prob": probs.gather(1, anchor[:, None]).squeeze(1)}
         return action, logp, extras
 
@@ -446,7 +458,7 @@ class TrajectoryPolicy(nn.Module):
         """Exact log-density ``[B]`` of ``action [B, H, >=2]`` (of its control points)."""
         if action.shape[-2] != self.horizon:
             raise ValueError(f"action has {action.shape[-2]} poses, this policy's horizon is {self.horizon}")
-        return self.distribution(obs).log_prob(control_points_of(action.to(self.anchors.dtype), self.steps))
+        return self.distribution(obs).log_prob(self._control_points(action))
 
     def entropy(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Entropy of the joint (anchor, control points) ``[B]`` (see ``MixtureParams.entropy``)."""

@@ -67,6 +67,9 @@ def main() -> None:
         "decisions_per_s": rows_per_iter / statistics.mean(iter_s),
         "learner_decisions_per_s": rows_per_iter / statistics.mean(learner_s),
         "learner_data_wait_fraction": statistics.mean(wait_s) / statistics.mean(iter_s),
+        # the learner's own time: Arrow -> device tensors, the pi_old / reference passes, the update
+        "learner_phase_s": {k: statistics.mean(tb[f"learner/{k}_s"][1:]) for k in ("load", "old_logp", "update")
+                            if f"learner/{k}_s" in tb},
         "rollout_phase_fraction": buffer.get("rollout_phase_fraction", {}),
         "rollout_env_steps_per_s_since_start": buffer.get("rollout_env_steps_per_s"),
         "env_steps_per_decision": ticks_per_row,

@@ -165,3 +165,28 @@ def test_the_learner_builds_its_algorithm_and_checkpoint_io_from_config():
         checkpoint_io("learners.nope")
     with pytest.raises(ValueError, match="must be a module path"):
         checkpoint_io(None)
+
+
+def test_the_first_minibatch_takes_pi_old_from_its_own_first_pass():
+    """Without ``logp_old`` the first minibatch's π_old is its first (pre-step) pass: the same update
+    over 2 minibatches x 2 epochs as with π_old computed beforehand."""
+    policy, batch = make_batch(seed=3)
+    rows = len(batch["advantage"])
+    halves = [rows_of_groups(batch, range(0, GROUPS // 2)), rows_of_groups(batch, range(GROUPS // 2, GROUPS))]
+    given, filled = copy.deepcopy(policy), copy.deepcopy(policy)
+    for model, fill in ((given, False), (filled, True)):
+        mbs = [dict(mb) for mb in halves]
+        for m, mb in enumerate(mbs):
+            if not (fill and m == 0):
+                with_logp_old(model, mb)
+        params = [p for p in model.parameters() if p.requires_grad]
+        grpo_update(model, torch.optim.SGD(params, lr=1e-2), params, mbs, [rows // 2] * 2, GRPO(), 2, 1.0,
+                    micro_batch_rows=5)
+        if fill:  # kept for the second epoch: the log-probs of the starting weights
+            torch.testing.assert_close(mbs[0]["logp_old"], with_logp_old(policy, dict(halves[0]))["logp_old"])
+    for name, a in given.state_dict().items():
+        torch.testing.assert_close(filled.state_dict()[name], a, rtol=1e-5, atol=1e-6, msg=name)
+    mbs = [with_logp_old(policy, dict(halves[0])), dict(halves[1])]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="minibatch 1 has no logp_old"):
+        grpo_update(policy, torch.optim.SGD(params, lr=1e-2), params, mbs, [rows // 2] * 2, GRPO(), 1, 1.0)

@@ -266,3 +266,21 @@ def test_deterministic_modes(make_obs):
     assert torch.equal(policy.log_prob(obs, mean), logp)
     with pytest.raises(ValueError, match="deterministic_mode"):
         TrajectoryPolicyConfig(deterministic_mode="median")
+
+
+def test_bf16_autocast_keeps_the_mixture_in_float32(make_obs):
+    """Under a bf16 autocast only the network runs in bf16: log-probs are float32, reproducible from
+    the stored action under the same autocast, and near the float32 values."""
+    policy = TrajectoryPolicy(TrajectoryPolicyConfig(size="tiny", obs_keys=ALL))
+    obs = make_obs(32, ALL)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        action, logp, _ = policy.act(obs, torch.Generator().manual_seed(0))
+        again = policy.log_prob(obs, action)
+        dist = policy.distribution(obs)
+    assert action.dtype == logp.dtype == again.dtype == dist.mean.dtype == torch.float32
+    assert torch.equal(again, logp)
+    with torch.no_grad():
+        full = policy.log_prob(obs, action)
+    # bf16 has an 8-bit mantissa: the network's outputs move in their third digit, not more
+    assert not torch.equal(full, logp)
+    torch.testing.assert_close(logp, full, rtol=0.02, atol=0.5)
