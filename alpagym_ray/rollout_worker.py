@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import ray
 import torch
 
 from alpagym_ray import columns as C
@@ -25,6 +24,7 @@ from alpagym_ray.flat_params import load_flat_params
 from alpagym_ray.observations import mask_key
 from alpagym_ray.precision import autocast, check_precision, set_matmul_precision
 from alpagym_ray.targets import instantiate
+from alpagym_ray.weights import ObjectStoreReceiver
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,15 @@ class RolloutWorker:
         # built inside the actor from its _target_ node (registries do not travel), checked against the env
         self.reward_fn = instantiate(reward, metric_aggregations=self.env.metric_aggregations)
         self.broadcaster = broadcaster
-        # topology.weight_transport=collective: weights arrive over a gloo / NCCL group (weight_sync.py)
-        self.receiver = None
-        if (weights or {}).get("transport", "object_store") == "collective" and broadcaster is not None:
-            from alpagym_ray.weight_sync import WeightReceiver
+        # where new weights come from: the object store, or a gloo / NCCL group (weight_transport=collective)
+        self.receiver: Any = None
+        if broadcaster is not None:
+            if (weights or {}).get("transport", "object_store") == "collective":
+                from alpagym_ray.weight_sync import WeightReceiver
 
-            self.receiver = WeightReceiver(broadcaster, worker_id, device=device)
+                self.receiver = WeightReceiver(broadcaster, worker_id, device=device)
+            else:
+                self.receiver = ObjectStoreReceiver(broadcaster)
         self.version = -1  # a (re)started worker force-pulls
         missing = [k for k in self.policy.obs_keys if k not in self.env.obs_keys]
         if missing:
@@ -106,9 +109,6 @@ class RolloutWorker:
         self.episode_schema = C.episode_schema(self.reward_fn.term_names, self.env.metric_names)
         self.flat_tools = load_flat_params
         self.pull_s = 0.0
-        self._pending: ray.ObjectRef | None = None  # the outstanding pull_if_newer question
-        self._last_poll = 0.0
-        self.poll_interval_s = 0.1
         self.phase_s: dict[str, float] = {}  # seconds per phase of run_groups (see phase_stats)
         self.profile = False  # synchronise the device at each phase boundary (exact GPU phase times)
         # an mp4 of the first episode of a group every `video_every` versions (envs with render())
@@ -118,58 +118,28 @@ class RolloutWorker:
 
     # ---- weights -------------------------------------------------------------------------
     def pull_if_newer(self, wait: bool = False, timeout_s: float = 300.0) -> int:
-        """Ask the broadcaster now and load newer weights (``wait``: until some version exists)."""
+        """Ask for newer weights now and load them (``wait``: until some version exists)."""
         t0 = time.perf_counter()
         if self.receiver is not None:
             first = wait and self.version < 0
-            new = self.receiver.poll(self.version, self._load_flat, wait_s=timeout_s if first else 0.0)
+            new = self.receiver.poll(self.version, self._load_flat, wait_s=timeout_s if first else 0.0, fresh=True)
             if new is not None:
                 self.version = new
             elif first:
                 raise TimeoutError(f"worker {self.worker_id}: no weights received within {timeout_s} s")
-            self.pull_s += time.perf_counter() - t0
-            return self.version
-        self._pending = None  # an answer still in flight is superseded by this one
-        while self.broadcaster is not None:
-            version, refs = ray.get(self.broadcaster.pull_if_newer.remote(self.version))
-            self._load(version, refs)
-            if self.version >= 0 or not wait:
-                break
-            if time.perf_counter() - t0 > timeout_s:
-                raise TimeoutError(f"worker {self.worker_id}: no weights published within {timeout_s} s")
-            time.sleep(0.05)
         self.pull_s += time.perf_counter() - t0
         return self.version
 
     def _poll_weights(self) -> None:
-        """Between decisions: load newer weights if the last question was answered, and ask again.
-
-        Never waits (``ray.wait(timeout=0)``): at most one question is outstanding, so a worker
-        acting at thousands of decisions/s spends no time on round trips to the broadcaster."""
-        if self.broadcaster is None:
-            return
-        if self.receiver is not None:
-            self.pull_if_newer()
+        """Between decisions: load newer weights if they have arrived; never waits (the receivers
+        ask in the background or with one outstanding question)."""
+        if self.receiver is None:
             return
         t0 = time.perf_counter()
-        if t0 - self._last_poll < self.poll_interval_s:
-            return  # asking at most every poll_interval_s: a new version comes once per learner iteration
-        self._last_poll = t0
-        if self._pending is not None:
-            ready, _ = ray.wait([self._pending], timeout=0)
-            if not ready:
-                self.pull_s += time.perf_counter() - t0
-                return
-            version, refs = ray.get(self._pending)
-            self._load(version, refs)
-        self._pending = self.broadcaster.pull_if_newer.remote(self.version)
+        new = self.receiver.poll(self.version, self._load_flat)
+        if new is not None:
+            self.version = new
         self.pull_s += time.perf_counter() - t0
-
-    def _load(self, version: int, refs: list | None) -> None:
-        if refs is None or version <= self.version:
-            return
-        self._load_flat(torch.from_numpy(np.asarray(ray.get(refs[0]))))
-        self.version = version
 
     def _load_flat(self, flat: torch.Tensor) -> None:
         self.flat_tools(self.policy, flat.to(self.device))

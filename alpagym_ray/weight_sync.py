@@ -520,11 +520,14 @@ class WeightReceiver:
         self._thread.start()
 
     # ---- caller side (between decisions) ------------------------------------------------------
-    def poll(self, current_version: int, load: Callable[[torch.Tensor], None], wait_s: float = 0.0) -> int | None:
+    def poll(self, current_version: int, load: Callable[[torch.Tensor], None], wait_s: float = 0.0,
+             fresh: bool = False) -> int | None:
         """If a version newer than ``current_version`` has arrived, call ``load(flat)`` with it (a 1-D
         tensor, on ``device`` for NCCL, in host memory otherwise; valid only during the call) and return
         that version; else ``None``. With ``wait_s == 0`` this never blocks (a transfer in progress
-        counts as nothing new); with ``wait_s > 0`` it waits up to that long for a newer version."""
+        counts as nothing new); with ``wait_s > 0`` it waits up to that long for a newer version.
+        ``fresh`` (asked by a call's start, as of ``weights.ObjectStoreReceiver``) changes nothing here:
+        the background thread asks continuously, so what has arrived is the latest there is."""
         deadline = time.perf_counter() + max(wait_s, 0.0)
         while True:
             if wait_s > 0:

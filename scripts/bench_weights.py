@@ -42,7 +42,7 @@ from torch import nn
 
 from alpagym_ray.flat_params import flatten_params, host_buffer, load_flat_params
 from alpagym_ray.rollout_worker import RolloutWorker
-from alpagym_ray.weights import WeightBroadcaster
+from alpagym_ray.weights import ObjectStoreReceiver, WeightBroadcaster
 
 
 class FlatModel(nn.Module):
@@ -100,8 +100,7 @@ class BenchWorker(RolloutWorker):
         self.flat_tools = load_flat_params
         self.version = -1
         self.pull_s = 0.0
-        self.receiver = None  # the object-store path (topology.weight_transport=object_store)
-        self._pending = None
+        self.receiver = ObjectStoreReceiver(broadcaster)  # topology.weight_transport=object_store
 
     def pull(self) -> dict[str, float]:
         t0 = time.perf_counter()
