@@ -91,6 +91,27 @@ def column_tensor(batch: pa.RecordBatch | pa.Table, name: str, shape: Sequence[i
     col = batch.column(name)
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
+    return array_tensor(col, shape)
+
+
+def column_to(table: pa.Table, name: str, shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """A fixed-size-list column of a (chunked) table as one ``[rows, *shape]`` tensor on ``device``:
+    each chunk is copied once, from its zero-copy view (shared memory for batches fetched from the
+    object store) into the result -- no intermediate host copy of the column."""
+    chunks = [c for c in table.column(name).chunks if len(c)]
+    if not chunks:
+        return column_tensor(table, name, shape).to(device)
+    parts = [array_tensor(c, shape) for c in chunks]
+    out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device=device)
+    offset = 0
+    for part in parts:
+        out[offset:offset + len(part)].copy_(part)
+        offset += len(part)
+    return out
+
+
+def array_tensor(col: pa.Array, shape: Sequence[int]) -> torch.Tensor:
+    """A fixed-size-list array as a ``[rows, *shape]`` tensor (zero-copy for float32 without nulls)."""
     flat = col.flatten()
     if pa.types.is_boolean(flat.type):
         arr = np.asarray(flat.to_numpy(zero_copy_only=False), dtype=bool)
@@ -99,13 +120,18 @@ def column_tensor(batch: pa.RecordBatch | pa.Table, name: str, shape: Sequence[i
     return torch.from_numpy(arr.reshape(len(col), *shape))
 
 
-def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str]) -> dict[str, torch.Tensor]:
-    """The observation dict of decision rows, as the policy takes it."""
+def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str],
+                 device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+    """The observation dict of decision rows, as the policy takes it (on ``device``: see :func:`column_to`)."""
     obs = {}
     for key in obs_keys:
         spec = SPECS[key]
-        obs[key] = column_tensor(batch, obs_column(key), spec.shape)
-        obs[mask_key(key)] = column_tensor(batch, obs_column(mask_key(key)), spec.shape[:1])
+        for name, shape in ((key, spec.shape), (mask_key(key), spec.shape[:1])):
+            if device is None:
+                obs[name] = column_tensor(batch, obs_column(name), shape)
+            else:
+                table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+                obs[name] = column_to(table, obs_column(name), shape, device)
     return obs
 
 

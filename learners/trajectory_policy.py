@@ -375,9 +375,27 @@ class TrajectoryPolicy(nn.Module):
             raise KeyError(f"TrajectoryPolicy reads {list(self.obs_keys)} (and their masks); missing "
                            f"{missing} in the observation (keys: {sorted(obs)})")
 
+    def max_rows(self) -> int:
+        """Rows encoded in one pass. CUDA kernels index with 32-bit offsets: the largest activation
+        per row, a set key's per-element hidden layer ``[elements + 1, 2 d_model]`` or the trunk's
+        feed-forward ``[tokens, ffn_mult d_model]``, times the rows must stay under 2**31 elements
+        (``default`` at 32,768 rows hit an illegal memory access); 2**30 leaves a margin."""
+        cfg = self.config
+        elements = max([SPECS[k].shape[0] + 1 for k in self.obs_keys if k in SET_KEYS] + [1])
+        tokens = 1 + sum(cfg.pool_tokens if k in SET_KEYS else 4 if k in RASTER_KEYS else 1 for k in self.obs_keys)
+        widest = max(elements * 2 * cfg.d_model, tokens * cfg.ffn_mult * cfg.d_model)
+        return max(1, 2**30 // widest)
+
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Observation -> feature ``[B, d_model]``."""
+        """Observation -> feature ``[B, d_model]`` (in slices of :meth:`max_rows` rows)."""
         self._check_obs(obs)
+        b, step = obs[self.obs_keys[0]].shape[0], self.max_rows()
+        if b <= step:
+            return self._encode(obs)
+        keys = [*self.obs_keys, *(mask_key(k) for k in self.obs_keys)]
+        return torch.cat([self._encode({k: obs[k][s:s + step] for k in keys}) for s in range(0, b, step)])
+
+    def _encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         tokens = []
         for i, key in enumerate(self.obs_keys):
             x = obs[key].to(self.query.dtype)

@@ -284,3 +284,16 @@ def test_bf16_autocast_keeps_the_mixture_in_float32(make_obs):
     # bf16 has an 8-bit mantissa: the network's outputs move in their third digit, not more
     assert not torch.equal(full, logp)
     torch.testing.assert_close(logp, full, rtol=0.02, atol=0.5)
+
+
+def test_large_batches_are_encoded_in_slices(make_obs, monkeypatch):
+    """Past ``max_rows`` the encoder runs in slices (32-bit CUDA indexing); the result is the same."""
+    policy = TrajectoryPolicy(TrajectoryPolicyConfig(size="tiny", obs_keys=ALL))
+    obs = make_obs(10, ALL)
+    with torch.no_grad():
+        whole = policy.encode(obs)
+        monkeypatch.setattr(policy, "max_rows", lambda: 3)
+        sliced = policy.encode(obs)
+    torch.testing.assert_close(sliced, whole)
+    default = TrajectoryPolicy(TrajectoryPolicyConfig(size="default", obs_keys=ALL))
+    assert 257 * 512 * default.max_rows() <= 2**30 < 257 * 512 * (default.max_rows() + 1)
