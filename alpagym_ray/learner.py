@@ -38,7 +38,7 @@ from ray import train as ray_train
 
 from alpagym_ray import columns as C
 from alpagym_ray.flat_params import flat_size, flatten_params, host_buffer
-from alpagym_ray.precision import autocast, check_precision, set_matmul_precision
+from alpagym_ray.precision import autocast, check_precision, maybe_compile, set_matmul_precision
 from alpagym_ray.targets import instantiate
 
 CHECKPOINT_IO_FUNCTIONS = ("save_checkpoint", "load_checkpoint", "load_optimizer_state")
@@ -253,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
     algorithm = build_algorithm(lc)
     algo_name = str(getattr(algorithm, "name", type(algorithm).__name__))
     ckpt_tools = checkpoint_io(lc.get("checkpoint_io"))
-    policy = instantiate(config["policy"]).to(device).train()
+    policy = maybe_compile(instantiate(config["policy"]).to(device).train(), config.get("compile", False))
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lc["lr"], eps=1e-6)
     reference = None
@@ -304,7 +304,7 @@ def train_loop_per_worker(config: dict) -> None:
                 stream.synchronize()
         return shard, mbs, time.perf_counter() - t0
 
-    prefetch = ShardPrefetch(fetch, enabled=bool(lc.get("prefetch", True)))
+    prefetch = ShardPrefetch(fetch, enabled=bool(lc.get("prefetch", False)))
     prefetch.submit(start_iteration)
     for it in range(start_iteration, config["iterations"]):
         t_iter = time.perf_counter()

@@ -12,6 +12,9 @@ setting applies to the rollout workers, the learner ranks and evaluation:
   ``learners.trajectory_policy`` does.
 
 On a CPU device every mode runs in float32 (CPU bf16 autocast is slower than float32 on most CPUs).
+
+``topology.compile`` (:func:`maybe_compile`) puts the policy's hot path under ``torch.compile`` in the
+same places (workers and learner ranks).
 """
 
 from __future__ import annotations
@@ -50,3 +53,14 @@ def autocast(name: str, device: torch.device | str) -> Iterator[None]:
     else:
         yield
 
+
+
+def maybe_compile(policy: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """``policy.compile()`` when ``topology.compile`` is on. ``nn.Module.compile`` compiles ``forward``;
+    a policy whose acting and log-probs share another hot path overrides it (``TrajectoryPolicy``
+    compiles its encoder). Compilation happens at the first call of each input shape."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"topology.compile must be true or false, got {enabled!r}")
+    if enabled:
+        policy.compile()
+    return policy

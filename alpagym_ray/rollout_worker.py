@@ -22,7 +22,7 @@ import torch
 from alpagym_ray import columns as C
 from alpagym_ray.flat_params import load_flat_params
 from alpagym_ray.observations import mask_key
-from alpagym_ray.precision import autocast, check_precision, set_matmul_precision
+from alpagym_ray.precision import autocast, check_precision, maybe_compile, set_matmul_precision
 from alpagym_ray.targets import instantiate
 from alpagym_ray.weights import ObjectStoreReceiver
 
@@ -77,6 +77,7 @@ class RolloutWorker:
         run_dir: str | None = None,
         weights: dict | None = None,
         precision: str = "fp32",
+        compile_policy: bool = False,
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -86,7 +87,7 @@ class RolloutWorker:
         set_matmul_precision(precision)
         self.group_size = group_size
         self.env = instantiate(env, num_envs=num_envs, device=device)
-        self.policy = instantiate(policy).to(self.device).eval()
+        self.policy = maybe_compile(instantiate(policy).to(self.device).eval(), compile_policy)
         # built inside the actor from its _target_ node (registries do not travel), checked against the env
         self.reward_fn = instantiate(reward, metric_aggregations=self.env.metric_aggregations)
         self.broadcaster = broadcaster

@@ -81,7 +81,7 @@ def start_actors(spec: RunSpec):
             num_cpus=topo["rollout_cpus"], num_gpus=topo["rollout_gpus"], max_restarts=-1, max_task_retries=0,
         ).remote(f"w{i}", spec.env, spec.policy, spec.reward, broadcaster, G, B, topo["rollout_device"],
                  topo.get("torch_threads", 1), int(spec.extra.get("video_every", 0)) if i == 0 else 0, spec.run_dir,
-                 weight_settings(topo), topo.get("precision", "fp32"))
+                 weight_settings(topo), topo.get("precision", "fp32"), topo.get("compile", False))
         for i in range(int(topo["num_rollout_workers"]))
     ]
     buffer = ray.remote(EpisodeBuffer).options(num_cpus=0, max_concurrency=64).remote(
@@ -103,7 +103,7 @@ def fit(spec: RunSpec, broadcaster, buffer):
         "iterations": spec.iterations, "seed": spec.seed, "run_dir": spec.run_dir,
         "use_gpu": bool(topo["learner_use_gpu"]), "torch_threads": topo.get("torch_threads", 1),
         "resume_checkpoint": spec.resume_checkpoint, "weights": weight_settings(topo),
-        "precision": topo.get("precision", "fp32"),
+        "precision": topo.get("precision", "fp32"), "compile": topo.get("compile", False),
         **{k: v for k, v in spec.extra.items() if k in ("crash_at_iteration", "write_steps")},
     }
     trainer = TorchTrainer(

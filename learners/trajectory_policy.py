@@ -386,14 +386,28 @@ class TrajectoryPolicy(nn.Module):
         widest = max(elements * 2 * cfg.d_model, tokens * cfg.ffn_mult * cfg.d_model)
         return max(1, 2**30 // widest)
 
+    def compile(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        """``torch.compile`` the encoder's heavy modules (the Transformer trunk and the per-element
+        MLPs of set keys), the hot path of ``act``, ``log_prob`` and ``entropy`` (``topology.compile``);
+        token assembly and the mixture maths stay eager. Arguments go to ``torch.compile``. (Compiling
+        the whole ``_encode`` failed on an H100 under bf16: the backward of the expanded ``[1, 1, d]``
+        parameters returned a wrongly shaped gradient.)"""
+        self.trunk.compile(*args, **kwargs)
+        for encoder in self.encoders.values():
+            (encoder.element if isinstance(encoder, SetTokens) else encoder).compile(*args, **kwargs)
+
     def encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Observation -> feature ``[B, d_model]`` (in slices of :meth:`max_rows` rows)."""
         self._check_obs(obs)
-        b, step = obs[self.obs_keys[0]].shape[0], self.max_rows()
-        if b <= step:
+        b, most = obs[self.obs_keys[0]].shape[0], self.max_rows()
+        if b <= most:
             return self._encode(obs)
+        # slices of (nearly) equal size: 16,384 rows -> 3 x ~5,461, not 8,160 + 8,160 + a tail of 64
+        n = -(-b // most)
+        cuts = [i * b // n for i in range(n + 1)]
         keys = [*self.obs_keys, *(mask_key(k) for k in self.obs_keys)]
-        return torch.cat([self._encode({k: obs[k][s:s + step] for k in keys}) for s in range(0, b, step)])
+        spans = zip(cuts[:-1], cuts[1:], strict=True)
+        return torch.cat([self._encode({k: obs[k][s:e] for k in keys}) for s, e in spans])
 
     def _encode(self, obs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         tokens = []

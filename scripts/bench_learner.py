@@ -13,6 +13,9 @@ Per ``topology.precision`` (fp32, tf32, bf16; ``alpagym_ray.precision``):
   (batch ``--act-batch``) and the learner's (micro-batch ``--micro[0]``), and against float32. With
   ``max_staleness`` 0 the importance weight π_old / π_behaviour is exp of the first difference.
 
+``--compile P [P ...]`` also times precisions P with the policy's encoder under ``torch.compile``
+(``topology.compile``), compile time excluded (it runs in the warm-up).
+
 Inputs are random observations of the full drivesim key set (the compute does not depend on values).
 Medians of ``--repeats`` timed runs after warm-up. Writes JSON.
 """
@@ -97,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rows", type=int, default=32768, help="decision rows of one learner iteration")
     ap.add_argument("--micro", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", nargs="*", default=[], choices=PRECISIONS,
+                    help="precisions to time again with the encoder under torch.compile")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.act_batch > args.rows:
@@ -111,6 +116,14 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.precisions:
         result["precisions"][name] = bench_precision(name, policy, args, device)
         print(name, json.dumps(result["precisions"][name], indent=1), flush=True)
+    if args.compile:
+        policy.compile()
+        for name in args.compile:
+            try:
+                result["precisions"][f"{name}+compile"] = bench_precision(name, policy, args, device)
+            except Exception as e:  # noqa: BLE001 -- a compiler failure is a result too; keep the others
+                result["precisions"][f"{name}+compile"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{name}+compile", json.dumps(result["precisions"][f"{name}+compile"], indent=1), flush=True)
     result["meta"] |= machine_meta()  # the load average after the run
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

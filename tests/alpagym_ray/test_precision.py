@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alpagym_ray.precision import PRECISIONS, autocast, check_precision, set_matmul_precision
+from alpagym_ray.precision import PRECISIONS, autocast, check_precision, maybe_compile, set_matmul_precision
 
 
 def test_unknown_precision_names_the_valid_ones():
@@ -43,3 +43,17 @@ def test_bf16_autocasts_on_cuda():
     with autocast("bf16", "cuda"):
         assert (a @ a).dtype == torch.bfloat16
     assert (a @ a).dtype == torch.float32
+
+
+def test_maybe_compile_calls_the_policys_compile_only_when_on():
+    calls = []
+
+    class Policy(torch.nn.Module):
+        def compile(self, *args, **kwargs):
+            calls.append(args)
+
+    p = Policy()
+    assert maybe_compile(p, False) is p and calls == []
+    assert maybe_compile(p, True) is p and calls == [()]
+    with pytest.raises(ValueError, match="topology.compile must be true or false, got 'yes'"):
+        maybe_compile(p, "yes")

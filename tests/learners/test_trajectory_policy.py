@@ -293,7 +293,30 @@ def test_large_batches_are_encoded_in_slices(make_obs, monkeypatch):
     with torch.no_grad():
         whole = policy.encode(obs)
         monkeypatch.setattr(policy, "max_rows", lambda: 3)
+        sizes = []
+        eager = policy._encode
+        monkeypatch.setattr(policy, "_encode", lambda o: sizes.append(len(o["route"])) or eager(o))
         sliced = policy.encode(obs)
     torch.testing.assert_close(sliced, whole)
+    assert sizes == [2, 3, 2, 3]  # nearly equal slices, no tail of one row
     default = TrajectoryPolicy(TrajectoryPolicyConfig(size="default", obs_keys=ALL))
     assert 257 * 512 * default.max_rows() <= 2**30 < 257 * 512 * (default.max_rows() + 1)
+
+
+@pytest.mark.slow
+def test_compiled_encoder_matches_eager(make_obs):
+    """``policy.compile()`` (topology.compile) compiles the encoder; log-probs and gradients stay the same."""
+    torch.manual_seed(0)
+    policy = TrajectoryPolicy(TrajectoryPolicyConfig(size="tiny", obs_keys=ALL))
+    obs = make_obs(16, ALL)
+    with torch.no_grad():
+        action, _, _ = policy.act(obs, torch.Generator().manual_seed(0))
+    eager = policy.log_prob(obs, action)
+    eager_grads = torch.autograd.grad(eager.sum(), list(policy.parameters()), allow_unused=True)
+    policy.compile()
+    compiled = policy.log_prob(obs, action)
+    grads = torch.autograd.grad(compiled.sum(), list(policy.parameters()), allow_unused=True)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
+    for g, e in zip(grads, eager_grads, strict=True):
+        if e is not None:
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
