@@ -21,8 +21,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
+
+P = TypeVar("P", bound=torch.nn.Module)
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 """Valid values of ``topology.precision``."""
@@ -55,7 +58,7 @@ def autocast(name: str, device: torch.device | str) -> Iterator[None]:
 
 
 
-def maybe_compile(policy: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+def maybe_compile(policy: P, enabled: bool) -> P:
     """``policy.compile()`` when ``topology.compile`` is on. ``nn.Module.compile`` compiles ``forward``;
     a policy whose acting and log-probs share another hot path overrides it (``TrajectoryPolicy``
     compiles its encoder). Compilation happens at the first call of each input shape."""
