@@ -13,7 +13,7 @@ Per ``topology.precision`` (fp32, tf32, bf16; ``alpagym_ray.precision``):
   (batch ``--act-batch``) and the learner's (micro-batch ``--micro[0]``), and against float32. With
   ``max_staleness`` 0 the importance weight π_old / π_behaviour is exp of the first difference.
 
-``--compile P [P ...]`` also times precisions P with the policy's encoder under ``torch.compile``
+``--compile P [P ...]`` also times precisions P after ``policy.compile()`` (trunk and per-element MLPs)
 (``topology.compile``), compile time excluded (it runs in the warm-up).
 
 Inputs are random observations of the full drivesim key set (the compute does not depend on values).
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--micro", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--compile", nargs="*", default=[], choices=PRECISIONS,
-                    help="precisions to time again with the encoder under torch.compile")
+                    help="precisions to time again after policy.compile() (topology.compile)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.act_batch > args.rows:
