@@ -84,6 +84,21 @@ class DriveSimBatch:
         self.ticks = z(B, dt=torch.long)
         self.idm = None
         self.seeds = [0] * B
+        # the tick, bound to this object's fresh state (a CUDA graph owns copies of that state)
+        self._tick_fn: Callable[[torch.Tensor], torch.Tensor] = self._tick
+        if self.device.type == "cuda" and self.cfg.cuda_graph:
+            from envs.drivesim.cuda_graph import GraphedTick
+
+            self._tick_fn = GraphedTick(self, self._tick, self._tick_state())
+
+    def _tick_state(self) -> list[str]:
+        """Every state tensor :meth:`_tick` reads or reassigns (what a CUDA graph of it must own)."""
+        names = ["pose", "speed", "curvature", "plan", "tau", "t", "dist_traveled", "hist", "hist_valid",
+                 "agent_state", "agent_valid", "ignore", "s_proj", "scene", "t_start", "t_end", "tick_action",
+                 *(f"prev.{k}" for k in self.prev)]
+        if self.cfg.agents == "idm":
+            names += ["idm.s", "idm.v", "idm.active"]
+        return names
 
     # ---- reset ---------------------------------------------------------------------------
     def reset(
@@ -224,16 +239,18 @@ class DriveSimBatch:
         k = self.decision_every
         per_tick = torch.full((B, k, checks.NUM_METRICS), float("nan"), device=self.device)
         ended = torch.zeros(B, dtype=torch.bool, device=self.device)
+        arange = torch.arange(B, device=self.device)
         terminated = torch.zeros_like(ended)
         truncated = torch.zeros_like(ended)
         for j in range(k):
             live = ~self.done
-            values = self._tick(live)
+            values = self._tick_fn(live)
             if j == 0:
                 values[:, checks.METRIC_INDEX["plan_deviation"]] = info["plan_deviation"]
             per_tick[:, j] = torch.where(live[:, None], values, per_tick[:, j])
-            rows = torch.nonzero(live).squeeze(1)
-            self.series[rows, self.ticks[rows]] = values[rows]
+            # write the live envs' tick into their series (ended envs rewrite what is there: no sync)
+            at = self.ticks.clamp(max=self.max_ticks - 1)
+            self.series[arange, at] = torch.where(live[:, None], values, self.series[arange, at])
             self.ticks = self.ticks + live.long()
             at_fault = values[:, checks.METRIC_INDEX["collision_at_fault_tick"]] > 0
             offroad = values[:, checks.METRIC_INDEX["offroad"]] > 0
@@ -249,7 +266,7 @@ class DriveSimBatch:
         if bool(ended.any()):
             info["episode_metrics"], info["episode_series"] = self._episode_end(ended)
         info["ended"] = ended
-        info["ego_pose"] = self.pose
+        info["ego_pose"] = self.pose.clone()  # the next tick may overwrite self.pose in place (CUDA graph)
         reward = self.reward_fn(metrics, info)
         return self._observe(), reward, terminated, truncated, info
 
@@ -260,14 +277,19 @@ class DriveSimBatch:
         return torch.where(self.ticks > 0, v, torch.zeros_like(v))
 
     def _plan_deviation(self, new_plan: torch.Tensor) -> torch.Tensor:
-        """Mean distance between the new plan and the previous one over their overlap in time."""
-        steps = int(round(float(self.tau.max()) / DT)) if self.num_envs else 0
-        old = self.plan[:, 1 + steps:, :2]
-        n = min(old.shape[1], new_plan.shape[1] - 1)
-        if n <= 0:
-            return torch.full((self.num_envs,), float("nan"), device=self.device)
-        d = torch.linalg.vector_norm(new_plan[:, 1:1 + n, :2] - old[:, :n], dim=-1).mean(1)
-        return torch.where(self.have_plan, d, torch.full_like(d, float("nan")))
+        """Mean distance between the new plan and the previous one over their overlap in time.
+
+        Each env's old plan is read from its own elapsed time ``tau`` (one gather, no host sync)."""
+        B, P = self.plan.shape[:2]
+        steps = torch.round(self.tau / DT).long()                          # [B] old plan poses behind us
+        j = torch.arange(1, new_plan.shape[1], device=self.device)         # new plan poses 1..H
+        old_i = 1 + steps[:, None] + (j - 1)[None]                         # [B, H] matching old poses
+        overlap = old_i < P
+        old = torch.gather(self.plan[..., :2], 1, old_i.clamp(max=P - 1)[..., None].expand(-1, -1, 2))
+        d = torch.linalg.vector_norm(new_plan[:, 1:, :2] - old, dim=-1)    # [B, H]
+        n = overlap.sum(1)
+        d = (d * overlap).sum(1) / n.clamp(min=1)
+        return torch.where(self.have_plan & (n > 0), d, torch.full_like(d, float("nan")))
 
     def _tick(self, live: torch.Tensor) -> torch.Tensor:
         """Advance one tick for the live envs; return their metrics ``[B, NUM_METRICS]``."""

@@ -119,7 +119,9 @@ def tick_metrics(
     ignore = ignore & overlap
     hit_k = overlap_k & ~torch.gather(ignore, 1, near)
     front = rear = lateral = torch.zeros_like(hit_k)
-    if bool(hit_k.any()):  # rare: classify only then (bumper-line tests are the costly part)
+    # rare: on the CPU classify only then (the bumper-line tests are the costly part); on a GPU
+    # asking would stall the stream once per tick, which costs more than the tests
+    if hit_k.device.type != "cpu" or bool(hit_k.any()):
         front, rear, lateral = geometry.classify_collision(*ego_args, *other_args)
     put("collision_front", (hit_k & front).any(1))
     put("collision_rear", (hit_k & rear).any(1))

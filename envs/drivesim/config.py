@@ -49,6 +49,9 @@ class DriveSimConfig:
     """Spacing of route waypoints (AlpaSim: 3.5-4.5 m)."""
     render_size: int = 400
     """Side of ``render()`` frames in pixels."""
+    cuda_graph: bool = True
+    """On a GPU, replay each tick from a CUDA graph (envs/drivesim/cuda_graph.py): same results,
+    one launch instead of hundreds. Ignored on the CPU."""
     extra: dict = field(default_factory=dict)
     """Free-form options passed through (kept for forward compatibility of configs)."""
 

@@ -81,7 +81,7 @@ def map_points(st: SceneTensors, scene: torch.Tensor, t: torch.Tensor, pose: tor
     tl_idx = seg[..., 10].long()
     has_tl = tl_idx >= 0
     tl_stop = torch.zeros_like(seg[..., 10])
-    if bool(has_tl.any()):  # most maps have no traffic lights: skip the gather then
+    if st.any_traffic_light:  # most maps have no traffic lights: skip the gather then
         T = st.tl_state.shape[2]
         tl = st.tl_state[scene[:, None], tl_idx.clamp(min=0), t.clamp(max=T - 1)[:, None]]
         tl_stop = (has_tl & (tl == int(LightState.STOP))).float()

@@ -156,6 +156,7 @@ class SceneTensors:
     sdf_resolution: float
     grid_cell: float
     agent_paths: object | None = None  # agents.build_agent_paths output (reactive IDM only)
+    any_traffic_light: bool = True     # some map segment is controlled by a light (decided on the host)
 
     @property
     def num_scenes(self) -> int:
@@ -242,6 +243,8 @@ class SceneTensors:
             sdf_origin=t(sdf_origin),
             sdf_resolution=float(config.raster_resolution_m),
             grid_cell=GRID_CELL_M,
+            # known at build time, so observing never asks the device (a GPU sync per decision)
+            any_traffic_light=any(len(g) and bool((g[:, 10] >= 0).any()) for g in per["seg"]),
         )
         if config.agents == "idm":
             from envs.drivesim import agents

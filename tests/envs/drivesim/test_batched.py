@@ -216,3 +216,61 @@ def test_render_gives_rgb_frames(generated):
     frame = sim.render(0)
     assert frame.dtype == np.uint8 and frame.shape == (400, 400, 3)
     assert frame.std() > 0
+
+
+def _noisy_replay(obs, gen):
+    """The logged future with a little noise: varied plans, collisions and off-road now and then."""
+    act = obs["gt_trajectory"][:, :20].clone()
+    return act + 0.3 * torch.randn(act.shape, generator=gen, device="cpu").to(act.device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("agents", ["log", "idm"])
+def test_cuda_graph_tick_matches_eager(generated, agents):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    B = 12
+    sims = [DriveSimBatch(generated, B, DriveSimConfig(agents=agents, cuda_graph=g), device="cuda")
+            for g in (False, True)]
+    options = [{"scene_id": generated[i % len(generated)].scene_id, "start_step": i % 3} for i in range(B)]
+    obs = [s.reset(seeds=list(range(B)), options=options) for s in sims]
+    gen = torch.Generator().manual_seed(0)
+    for d in range(30):
+        action = _noisy_replay(obs[0], gen)
+        outs = [s.step(action) for s in sims]
+        obs = [o[0] for o in outs]
+        for k in obs[0]:
+            assert torch.equal(obs[0][k], obs[1][k]), (d, k)
+        for a, b in zip(outs[0][1:4], outs[1][1:4], strict=True):
+            assert torch.equal(a, b)
+        assert torch.equal(sims[0].series.nan_to_num(-7), sims[1].series.nan_to_num(-7))
+        if d == 10:  # reset a subset in place between ticks
+            ids = [1, 5, 7]
+            obs = [s.reset(seeds=ids, options=[options[i] for i in ids], env_ids=ids) for s in sims]
+            obs = [{k: v for k, v in o.items()} for o in obs]
+    assert isinstance(sims[1]._tick_fn, __import__("envs.drivesim.cuda_graph").drivesim.cuda_graph.GraphedTick)
+    assert not sims[1]._tick_fn.failed
+
+
+def test_plan_deviation_compares_the_overlapping_poses(generated):
+    """Per env: the mean distance between the new plan's poses 1.. and the old plan's poses at the
+    same times (the old plan shifted by the time since it was made)."""
+    from envs.drivesim import dynamics
+
+    B = 4
+    sim = DriveSimBatch(generated[:2], B, DriveSimConfig(decision_every=2))
+    sim.reset(options=[{"scene_id": generated[i % 2].scene_id} for i in range(B)])
+    gen = torch.Generator().manual_seed(1)
+    plan = torch.zeros(B, 20, 3)
+    plan[..., 0] = torch.arange(1, 21) * 1.0
+    _, _, _, _, info = sim.step(plan)
+    assert torch.isnan(info["plan_deviation"]).all()                 # no earlier plan
+    for _ in range(3):
+        new = plan + 0.4 * torch.randn(plan.shape, generator=gen)
+        world = dynamics.plan_to_world(new, sim.pose)                 # [B, 21, 3]
+        steps = int(round(float(sim.tau[0]) / 0.1))                   # every env: 2 ticks ago
+        old = sim.plan[:, 1 + steps:, :2]
+        n = min(old.shape[1], world.shape[1] - 1)
+        expected = torch.linalg.vector_norm(world[:, 1:1 + n, :2] - old[:, :n], dim=-1).mean(1)
+        _, _, _, _, info = sim.step(new)
+        assert torch.allclose(info["plan_deviation"], expected, atol=1e-5)
