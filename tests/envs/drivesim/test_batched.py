@@ -274,3 +274,23 @@ def test_plan_deviation_compares_the_overlapping_poses(generated):
         expected = torch.linalg.vector_norm(world[:, 1:1 + n, :2] - old[:, :n], dim=-1).mean(1)
         _, _, _, _, info = sim.step(new)
         assert torch.allclose(info["plan_deviation"], expected, atol=1e-5)
+
+
+def test_a_tick_that_cannot_be_captured_runs_eagerly_with_a_warning(generated):
+    """GraphedTick's fallback (here: no CUDA at all) warns once and changes no result."""
+    from envs.drivesim.cuda_graph import GraphedTick
+
+    B = 6
+    sims = [DriveSimBatch(generated, B, DriveSimConfig()) for _ in range(2)]
+    sims[1]._tick_fn = GraphedTick(sims[1], sims[1]._tick, sims[1]._tick_state())
+    options = [{"scene_id": generated[i % len(generated)].scene_id} for i in range(B)]
+    obs = [s.reset(seeds=list(range(B)), options=options) for s in sims]
+    gen = torch.Generator().manual_seed(0)
+    with pytest.warns(UserWarning, match="could not be captured as a CUDA graph"):
+        for _ in range(5):
+            action = _noisy_replay(obs[0], gen)
+            outs = [s.step(action) for s in sims]
+            obs = [o[0] for o in outs]
+            for k in obs[0]:
+                assert torch.equal(obs[0][k], obs[1][k]), k
+    assert sims[1]._tick_fn.failed
