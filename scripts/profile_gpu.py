@@ -8,6 +8,7 @@ Phases (bf16 autocast for the network, as ``topology.precision=bf16``; fp32 on C
 
 - ``act``: ``policy.act`` on ``--batch`` random observations (no grad), as a rollout worker calls it.
 - ``update``: one GRPO step (forward, backward, Adam) on ``--micro`` rows.
+- ``trunk``: the Transformer trunk alone on ``--micro`` rows under each attention backend.
 - ``env``: one decision of drivesim's batched env (``decision_every`` ticks, observations, metrics)
   for ``--batch`` envs on generated scenes; on a GPU also ``env_eager``, without the tick's CUDA
   graph (``DriveSimConfig.cuda_graph``).
@@ -102,6 +103,39 @@ def env_phase(batch: int, device: torch.device, calls: int, top: int, cuda_graph
     return profiled(step, device, calls, top)
 
 
+def trunk_backends(policy, rows: int, device: torch.device, precision: str, repeats: int = 5) -> dict:
+    """Seconds per call of the Transformer trunk (forward no-grad, forward + backward) on ``rows``
+    sequences of the policy's token count, for each scaled-dot-product-attention backend."""
+    from bench_policy import timed
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    tokens = 1 + sum(encoder_tokens(policy, k) for k in policy.obs_keys)
+    seq = torch.randn(rows, tokens, policy.config.d_model, device=device)
+    out: dict = {"rows": rows, "tokens": tokens}
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH):
+        def fwd(backend=backend):
+            with torch.no_grad(), autocast(precision, device), sdpa_kernel([backend]):
+                policy.trunk(seq)
+
+        def fwd_bwd(backend=backend):
+            with autocast(precision, device), sdpa_kernel([backend]):
+                policy.trunk(seq.requires_grad_()).float().square().mean().backward()
+
+        try:
+            out[backend.name] = {"forward_s": timed(fwd, device, repeats),
+                                 "forward_backward_s": timed(fwd_bwd, device, repeats)}
+        except RuntimeError as e:  # a backend that does not support these shapes
+            out[backend.name] = {"error": str(e).splitlines()[0][:200]}
+    return out
+
+
+def encoder_tokens(policy, key: str) -> int:
+    """Tokens one observation key contributes to the trunk's sequence."""
+    encoder = policy.encoders[key]
+    return int(encoder.queries.shape[1]) if hasattr(encoder, "queries") else (4 if key == "bev" else 1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--micro", type=int, default=16384, help="rows of one update step")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--phases", nargs="+", default=["act", "update", "env"], choices=["act", "update", "env"])
+    ap.add_argument("--phases", nargs="+", default=["act", "update", "env"], choices=["act", "update", "env", "trunk"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -141,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict:
             grpo_update(policy, opt, params, [dict(mb)], [args.micro], algo, 1, 1.0, 1, args.micro, precision)
 
         out["update"] = profiled(update, device, args.calls, args.top)
+    if "trunk" in args.phases:
+        out["trunk_backends"] = trunk_backends(policy, args.micro, device, precision)
+        print("trunk", json.dumps(out["trunk_backends"]), flush=True)
     if "env" in args.phases:
         out["env"] = env_phase(args.batch, device, args.calls * 4, args.top, cuda_graph=True)
         if device.type == "cuda":

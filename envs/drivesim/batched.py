@@ -62,6 +62,9 @@ class DriveSimBatch:
         self.ctrl = dynamics.ControllerConfig()
         self.idm_params = agents_mod.IDMParams()
         self.max_ticks = int(self.st.num_steps.max())
+        # host copies for reset's per-env checks (reading the device per env syncs it 2 B times)
+        self._num_steps_host = self.st.num_steps.cpu().numpy()
+        self._ego_valid_host = self.st.agent_valid[:, 0].cpu().numpy()                # [S, T]
         self._alloc()
 
     # ---- state ---------------------------------------------------------------------------
@@ -134,14 +137,14 @@ class DriveSimBatch:
             else:
                 s = int(np.random.default_rng(seed).integers(self.st.num_scenes))
             start = int(opt.get("start_step", 0))
-            T = int(self.st.num_steps[s])
+            T = int(self._num_steps_host[s])
             first = start + self.cfg.warmup_ticks
             if start < 0 or first + self.decision_every > T - 1:
                 raise ValueError(
                     f"reset options[{i}]: start_step {start} + warm-up {self.cfg.warmup_ticks} leaves no "
                     f"decision in scene {self.st.scene_ids[s]!r} of {T} steps (max start_step "
                     f"{T - 2 - self.cfg.warmup_ticks - self.decision_every})")
-            if not bool(self.st.agent_valid[s, 0, first]):
+            if not self._ego_valid_host[s, first]:
                 raise ValueError(f"reset options[{i}]: the ego of {self.st.scene_ids[s]!r} is not valid "
                                  f"at step {first} (start_step {start} + warm-up)")
             scene_idx.append(s)

@@ -320,3 +320,30 @@ def test_compiled_encoder_matches_eager(make_obs):
     for g, e in zip(grads, eager_grads, strict=True):
         if e is not None:
             torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", ["map_points", "agents"])
+def test_set_pooling_equals_multihead_attention(key):
+    """SetTokens pools with the folded queries (pool_by_queries); values and gradients match
+    nn.MultiheadAttention over [null, elements] with the same parameters, masked rows included."""
+    from alpagym_ray.observations import SPECS
+    from learners.trajectory_policy import SetTokens
+
+    torch.manual_seed(0)
+    tokens = SetTokens(key, d=64, heads=8, pool=4)
+    with torch.no_grad():
+        tokens.null.normal_()                                       # a non-zero null element
+        tokens.attn.in_proj_bias.normal_()
+    n, f = SPECS[key].shape
+    x = torch.randn(6, n, f)
+    mask = torch.rand(6, n) > 0.4
+    mask[0] = False                                                  # nothing observed: the null alone
+    params = list(tokens.parameters())
+    out = tokens(x, mask)
+    ref = tokens.forward_reference(x, mask)
+    assert out.shape == (6, 4, 64)
+    assert torch.allclose(out, ref, atol=1e-5)
+    g_out = torch.autograd.grad((out * ref.detach()).sum(), params)
+    g_ref = torch.autograd.grad((ref * ref.detach()).sum(), params)
+    for a, b in zip(g_out, g_ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
