@@ -341,9 +341,11 @@ class _Recording:
 
     def gather(self, key: str, alive: np.ndarray) -> np.ndarray:
         seq = self.seq[key]
-        stacked = torch.stack(seq[: alive.shape[1]], 1)          # [n, D, ...]
-        mask = torch.from_numpy(alive).to(stacked.device)
-        out = stacked[mask].cpu().numpy()                        # [rows, ...] env-major
+        n, D = alive.shape
+        flat = torch.cat(seq[:D])                                # [D * n, ...] decision-major, no transpose
+        env, dec = np.nonzero(alive)                             # env-major rows
+        index = torch.from_numpy(dec * n + env).to(flat.device)
+        out = flat.index_select(0, index).cpu().numpy()          # [rows, ...] one gather, one copy to host
         seq.clear()                                              # free the device memory as we go
         return out
 

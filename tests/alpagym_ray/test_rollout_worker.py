@@ -98,3 +98,4 @@ def test_failed_env_fails_the_groups_not_the_worker(worker):
     # and the worker still works afterwards
     again = w.run_groups([GroupRequest("ok", 2, {"scene_id": ids[0]})])
     assert again[0][0].ok
+
