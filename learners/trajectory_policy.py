@@ -263,6 +263,42 @@ def pool_by_queries(attn: nn.MultiheadAttention, queries: torch.Tensor, null: to
     return attn.out_proj(out)
 
 
+def query_output(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``trunk(x)[:, 0]``: the query token's output of the policy's Transformer, ``x [B, L, d]`` ->
+    ``[B, d]``, with the trunk's own parameters but not its ``forward``.
+
+    The head reads token 0 only, so the last layer attends from token 0 alone and runs its
+    feed-forward on that one token (a 1/L share of the layer's projections and feed-forward instead
+    of all L); every layer calls scaled-dot-product attention on ``[B, heads, L, d/heads]`` directly
+    instead of through ``nn.MultiheadAttention``'s sequence-first transposes. The layers must be what
+    :class:`TrajectoryPolicy` builds: pre-norm, batch-first, dropout 0 (checked)."""
+    if isinstance(trunk, nn.Identity):
+        return x[:, 0]
+    if not isinstance(trunk, nn.TransformerEncoder) or trunk.norm is not None:
+        raise TypeError(f"query_output: expected the policy's nn.TransformerEncoder without a final norm, got {trunk}")
+    layers = list(trunk.layers)
+    for i, layer in enumerate(layers):
+        if not (layer.norm_first and layer.self_attn.batch_first and layer.dropout.p == 0.0):
+            raise TypeError("query_output: needs pre-norm, batch-first layers without dropout")
+        last = i == len(layers) - 1
+        h = layer.norm1(x)
+        attended = _self_attention(layer.self_attn, h[:, :1] if last else h, h)
+        x = (x[:, :1] if last else x) + attended
+        x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
+    return x[:, 0]
+
+
+def _self_attention(attn: nn.MultiheadAttention, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``attn(queries, tokens, tokens)`` for batch-first ``[B, Lq, d]`` / ``[B, L, d]``, no mask."""
+    b, lq, d = queries.shape
+    heads = attn.num_heads
+    w, bias = attn.in_proj_weight, attn.in_proj_bias
+    q = F.linear(queries, w[:d], bias[:d]).reshape(b, lq, heads, d // heads).transpose(1, 2)
+    kv = F.linear(tokens, w[d:], bias[d:]).reshape(b, -1, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, kv[0], kv[1])               # [B, heads, Lq, d / heads]
+    return attn.out_proj(out.transpose(1, 2).reshape(b, lq, d))
+
+
 class RasterTokens(nn.Module):
     """A raster ``[B, C, H, W]`` -> 4 tokens ``[B, 4, d]`` (strided CNN, 2 x 2 adaptive pooling)."""
 
@@ -356,6 +392,7 @@ class TrajectoryPolicy(nn.Module):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.trunk = (nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
                       if cfg.num_layers else nn.Identity())
+        self._trunk_fn = query_output  # trunk(seq)[:, 0], computed without the unused outputs
         self.out_norm = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, k * (1 + 4 * c)))
         # start at the anchors with init_std: a small last layer, std bias at init_std
@@ -431,7 +468,7 @@ class TrajectoryPolicy(nn.Module):
         token assembly and the mixture maths stay eager. Arguments go to ``torch.compile``. (Compiling
         the whole ``_encode`` failed on an H100 under bf16: the backward of the expanded ``[1, 1, d]``
         parameters returned a wrongly shaped gradient.)"""
-        self.trunk.compile(*args, **kwargs)
+        self._trunk_fn = torch.compile(query_output, *args, **kwargs)
         for encoder in self.encoders.values():
             (encoder.element if isinstance(encoder, SetTokens) else encoder).compile(*args, **kwargs)
 
@@ -455,7 +492,7 @@ class TrajectoryPolicy(nn.Module):
             tokens.append(self.encoders[key](x, obs[mask_key(key)]) + self.type_embed[i + 1])
         b = tokens[0].shape[0]
         seq = torch.cat([self.query.expand(b, -1, -1) + self.type_embed[0], *tokens], dim=1)
-        return self.out_norm(self.trunk(seq)[:, 0])
+        return self.out_norm(self._trunk_fn(self.trunk, seq))
 
     def distribution(self, obs: Mapping[str, torch.Tensor]) -> MixtureParams:
         """The action distribution for a batch of observations."""

@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_learner import minibatch  # noqa: E402
+from bench_policy import random_obs, timed  # noqa: E402
 from bench_weights import machine_meta  # noqa: E402
 
 from alpagym_ray.learner import grpo_update  # noqa: E402
@@ -104,29 +105,34 @@ def env_phase(batch: int, device: torch.device, calls: int, top: int, cuda_graph
 
 
 def trunk_backends(policy, rows: int, device: torch.device, precision: str, repeats: int = 5) -> dict:
-    """Seconds per call of the Transformer trunk (forward no-grad, forward + backward) on ``rows``
-    sequences of the policy's token count, for each scaled-dot-product-attention backend."""
-    from bench_policy import timed
+    """Seconds per call of the trunk's query output on ``rows`` sequences of the policy's token
+    count (forward no-grad, forward + backward), through ``nn.TransformerEncoder.forward`` (``module``,
+    what the policy called before) and through ``query_output`` (what it calls now), for each
+    scaled-dot-product-attention backend."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from learners.trajectory_policy import query_output
 
     tokens = 1 + sum(encoder_tokens(policy, k) for k in policy.obs_keys)
     seq = torch.randn(rows, tokens, policy.config.d_model, device=device)
+    paths = {"module": lambda x: policy.trunk(x)[:, 0], "query_output": lambda x: query_output(policy.trunk, x)}
     out: dict = {"rows": rows, "tokens": tokens}
     for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                     SDPBackend.MATH):
-        def fwd(backend=backend):
-            with torch.no_grad(), autocast(precision, device), sdpa_kernel([backend]):
-                policy.trunk(seq)
+        for path, fn in paths.items():
+            def fwd(backend=backend, fn=fn):
+                with torch.no_grad(), autocast(precision, device), sdpa_kernel([backend]):
+                    fn(seq)
 
-        def fwd_bwd(backend=backend):
-            with autocast(precision, device), sdpa_kernel([backend]):
-                policy.trunk(seq.requires_grad_()).float().square().mean().backward()
+            def fwd_bwd(backend=backend, fn=fn):
+                with autocast(precision, device), sdpa_kernel([backend]):
+                    fn(seq.requires_grad_()).float().square().mean().backward()
 
-        try:
-            out[backend.name] = {"forward_s": timed(fwd, device, repeats),
-                                 "forward_backward_s": timed(fwd_bwd, device, repeats)}
-        except RuntimeError as e:  # a backend that does not support these shapes
-            out[backend.name] = {"error": str(e).splitlines()[0][:200]}
+            try:
+                out[f"{backend.name}/{path}"] = {"forward_s": timed(fwd, device, repeats),
+                                                 "forward_backward_s": timed(fwd_bwd, device, repeats)}
+            except RuntimeError as e:  # a backend that does not support these shapes
+                out[f"{backend.name}/{path}"] = {"error": str(e).splitlines()[0][:200]}
     return out
 
 
@@ -155,8 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
                           "batch": args.batch, "micro": args.micro,
                           "params": sum(p.numel() for p in policy.parameters())}}
     if "act" in args.phases:
-        from bench_policy import random_obs
-
         obs = random_obs(args.batch, policy.obs_keys, device)
         gen = torch.Generator(device=device).manual_seed(0)
 

@@ -347,3 +347,25 @@ def test_set_pooling_equals_multihead_attention(key):
     g_ref = torch.autograd.grad((ref * ref.detach()).sum(), params)
     for a, b in zip(g_out, g_ref, strict=True):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_query_output_equals_the_trunk(train):
+    """The policy reads token 0 of its Transformer through query_output (the last layer for that
+    token only, attention called directly); values and gradients match nn.TransformerEncoder's
+    forward, in training and in inference mode (where PyTorch takes its fused fast path)."""
+    from learners.trajectory_policy import query_output
+
+    torch.manual_seed(0)
+    policy = TrajectoryPolicy(TrajectoryPolicyConfig(size="tiny", num_layers=3, obs_keys=("ego_history", "route")))
+    policy.train(train)
+    x = torch.randn(5, 7, policy.config.d_model, requires_grad=train)
+    with torch.set_grad_enabled(train):
+        out, ref = query_output(policy.trunk, x), policy.trunk(x)[:, 0]
+    assert out.shape == (5, policy.config.d_model)
+    assert torch.allclose(out, ref, atol=1e-5)
+    if train:
+        params = [x, *policy.trunk.parameters()]
+        for a, b in zip(torch.autograd.grad(out.square().sum(), params),
+                        torch.autograd.grad(ref.square().sum(), params), strict=True):
+            assert torch.allclose(a, b, atol=1e-5)
