@@ -103,7 +103,9 @@ class GraphedTick:
                 self._restore()
         torch.cuda.current_stream(live.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: other threads stepping their own envs (the AlpaSim runtime server's sessions)
+        # keep working while this one captures
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             values = self.tick(self.live)
         self.outputs = {name: _get(self.obj, name) for name in self.state}
         self.values = values
