@@ -67,7 +67,8 @@ class GraphedTick:
             self.graph = None  # a state tensor changed shape (a new action horizon): capture again
         if self.graph is None:
             try:
-                self._capture(live)
+                with torch.cuda.device(live.device):  # capture on the env's GPU, whichever is current
+                    self._capture(live)
             except Exception as e:  # fall back, loudly
                 self.failed = True
                 self._restore()
