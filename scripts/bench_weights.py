@@ -59,10 +59,26 @@ class FlatModel(nn.Module):
 
 
 def machine_meta(**extra: Any) -> dict:
-    """What a weight benchmark ran on (plus ``extra``), with the load average after it."""
+    """What a benchmark ran on and which code it measured (plus ``extra``), with the load average after it."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            **extra, "loadavg_after": os.getloadavg()}
+            "gpu": gpu, "commit": _commit(), **extra, "loadavg_after": os.getloadavg()}
+
+
+def _commit() -> str | None:
+    """The checkout's commit (with ``+dirty`` for uncommitted changes); None outside a git checkout."""
+    import subprocess
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return rev + ("+dirty" if dirty else "")
 
 
 class BenchLearner:
