@@ -60,7 +60,8 @@ def autocast(name: str, device: torch.device | str) -> Iterator[None]:
 def maybe_compile(policy: P, enabled: bool) -> P:
     """``policy.compile()`` when ``topology.compile`` is on. ``nn.Module.compile`` compiles ``forward``;
     a policy whose acting and log-probs share another hot path overrides it (``TrajectoryPolicy``
-    compiles its encoder's trunk and per-element MLPs). Compilation happens at the first call of each input shape."""
+    compiles its trunk's query output and per-element MLPs). Compilation happens at the first call of
+    each input shape."""
     if not isinstance(enabled, bool):
         raise ValueError(f"topology.compile must be true or false, got {enabled!r}")
     if enabled:

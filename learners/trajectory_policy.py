@@ -218,15 +218,6 @@ class SetTokens(nn.Module):
         elems = self.element(x * self.scale)
         return self.norm(pool_by_queries(self.attn, self.queries[0], self.null[0, 0], elems, mask.bool()))
 
-    def forward_reference(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` written plainly with ``nn.MultiheadAttention`` (what the tests compare to)."""
-        b = x.shape[0]
-        elems = self.element(x * self.scale)
-        elems = torch.cat([self.null.expand(b, -1, -1), elems], dim=1)
-        keep = torch.cat([mask.new_ones(b, 1), mask.bool()], dim=1)
-        pooled, _ = self.attn(self.queries.expand(b, -1, -1), elems, elems, key_padding_mask=~keep,
-                              need_weights=False)
-        return self.norm(pooled)
 
 
 def pool_by_queries(attn: nn.MultiheadAttention, queries: torch.Tensor, null: torch.Tensor, elems: torch.Tensor,
@@ -271,21 +262,29 @@ def query_output(trunk: nn.Module, x: torch.Tensor) -> torch.Tensor:
     feed-forward on that one token (a 1/L share of the layer's projections and feed-forward instead
     of all L); every layer calls scaled-dot-product attention on ``[B, heads, L, d/heads]`` directly
     instead of through ``nn.MultiheadAttention``'s sequence-first transposes. The layers must be what
-    :class:`TrajectoryPolicy` builds: pre-norm, batch-first, dropout 0 (checked)."""
+    :class:`TrajectoryPolicy` builds (:func:`check_query_trunk`, done once when it is built)."""
     if isinstance(trunk, nn.Identity):
         return x[:, 0]
-    if not isinstance(trunk, nn.TransformerEncoder) or trunk.norm is not None:
-        raise TypeError(f"query_output: expected the policy's nn.TransformerEncoder without a final norm, got {trunk}")
     layers = list(trunk.layers)
     for i, layer in enumerate(layers):
-        if not (layer.norm_first and layer.self_attn.batch_first and layer.dropout.p == 0.0):
-            raise TypeError("query_output: needs pre-norm, batch-first layers without dropout")
         last = i == len(layers) - 1
         h = layer.norm1(x)
         attended = _self_attention(layer.self_attn, h[:, :1] if last else h, h)
         x = (x[:, :1] if last else x) + attended
         x = x + layer.linear2(layer.activation(layer.linear1(layer.norm2(x))))
     return x[:, 0]
+
+
+def check_query_trunk(trunk: nn.Module) -> None:
+    """Raise unless :func:`query_output` computes ``trunk(x)[:, 0]`` exactly: an identity, or an
+    ``nn.TransformerEncoder`` without a final norm of pre-norm, batch-first layers without dropout."""
+    if isinstance(trunk, nn.Identity):
+        return
+    if not isinstance(trunk, nn.TransformerEncoder) or trunk.norm is not None:
+        raise TypeError(f"query_output: expected an nn.TransformerEncoder without a final norm, got {trunk}")
+    for layer in trunk.layers:
+        if not (layer.norm_first and layer.self_attn.batch_first and layer.dropout.p == 0.0):
+            raise TypeError("query_output: needs pre-norm, batch-first layers without dropout")
 
 
 def _self_attention(attn: nn.MultiheadAttention, queries: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -392,6 +391,7 @@ class TrajectoryPolicy(nn.Module):
                                            activation="gelu", batch_first=True, norm_first=True)
         self.trunk = (nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
                       if cfg.num_layers else nn.Identity())
+        check_query_trunk(self.trunk)
         self._trunk_fn = query_output  # trunk(seq)[:, 0], computed without the unused outputs
         self.out_norm = nn.LayerNorm(d)
         self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, k * (1 + 4 * c)))
@@ -463,8 +463,8 @@ class TrajectoryPolicy(nn.Module):
         return max(1, 2**30 // widest)
 
     def compile(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        """``torch.compile`` the encoder's heavy modules (the Transformer trunk and the per-element
-        MLPs of set keys), the hot path of ``act``, ``log_prob`` and ``entropy`` (``topology.compile``);
+        """``torch.compile`` the encoder's heavy parts (the trunk's :func:`query_output` and the
+        per-element MLPs of set keys), the hot path of ``act``, ``log_prob`` and ``entropy`` (``topology.compile``);
         token assembly and the mixture maths stay eager. Arguments go to ``torch.compile``. (Compiling
         the whole ``_encode`` failed on an H100 under bf16: the backward of the expanded ``[1, 1, d]``
         parameters returned a wrongly shaped gradient.)"""

@@ -63,28 +63,39 @@ class GraphedTick:
     def __call__(self, live: torch.Tensor) -> torch.Tensor:
         if self.failed:
             return self.tick(live)
-        if self.graph is not None and any(_get(self.obj, n).shape != self.inputs[n].shape for n in self.state):
-            self.graph = None  # a state tensor changed shape (a new action horizon): capture again
-        if self.graph is None:
-            try:
-                with torch.cuda.device(live.device):  # capture on the env's GPU, whichever is current
-                    self._capture(live)
-            except Exception as e:  # fall back, loudly
-                self.failed = True
-                self._restore()
-                warnings.warn(f"drivesim: the tick could not be captured as a CUDA graph ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", stacklevel=2)
-                return self.tick(live)
+        # a state tensor that changed shape (a new action horizon) needs a new capture
+        if (self.graph is None or not self._load_inputs()) and not self._try_capture(live):
+            return self.tick(live)
         assert self.live is not None and self.values is not None  # set by _capture
-        for name in self.state:
-            current, buf = _get(self.obj, name), self.inputs[name]
-            if current is not buf:
-                buf.copy_(current)
         self.live.copy_(live)
         self.graph.replay()  # type: ignore[union-attr]
         for name, out in self.outputs.items():
             _set(self.obj, name, out)
         return self.values
+
+    def _load_inputs(self) -> bool:
+        """Copy the current state into the graph's inputs; False if a tensor's shape changed."""
+        for name in self.state:
+            current, buf = _get(self.obj, name), self.inputs[name]
+            if current is buf:
+                continue
+            if current.shape != buf.shape:
+                return False
+            buf.copy_(current)
+        return True
+
+    def _try_capture(self, live: torch.Tensor) -> bool:
+        """Capture (the inputs then hold the current state); on failure warn and go eager for good."""
+        try:
+            with torch.cuda.device(live.device):  # capture on the env's GPU, whichever is current
+                self._capture(live)
+            return True
+        except Exception as e:  # fall back, loudly
+            self.failed = True
+            self._restore()
+            warnings.warn(f"drivesim: the tick could not be captured as a CUDA graph ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", stacklevel=3)
+            return False
 
     def _restore(self) -> None:
         for name, buf in self.inputs.items():
