@@ -179,8 +179,28 @@ def _scale_vector(key: str) -> torch.Tensor:
     return torch.tensor([FEATURE_SCALE.get(f, 1.0) for f in SPECS[key].features], dtype=torch.float32)
 
 
+class AutocastLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` that, under an autocast, normalises in the autocast dtype and returns it.
+
+    Autocast runs ``layer_norm`` in float32 and returns float32, so a bf16 ``[B, N, d]`` element
+    tensor is cast up, normalised, written in float32 and cast back down by the next matrix product
+    (and again in the backward): the profile of the default policy showed such copies at 18-21 % of
+    its GPU time (BENCHMARKS.md, session 5). CUDA's kernel accumulates the statistics in float32 for
+    bf16 inputs, so only the output's rounding changes. Same parameters and state-dict keys as
+    ``nn.LayerNorm``; identical to it outside an autocast."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kind = x.device.type
+        if not torch.is_autocast_enabled(kind):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype(kind)
+        with torch.autocast(kind, enabled=False):
+            return F.layer_norm(x.to(dtype), self.normalized_shape, self.weight.to(dtype), self.bias.to(dtype),
+                                self.eps)
+
+
 def _mlp(d_in: int, d: int, d_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d_out), nn.LayerNorm(d_out))
+    return nn.Sequential(nn.Linear(d_in, d), nn.GELU(), nn.Linear(d, d_out), AutocastLayerNorm(d_out))
 
 
 class SequenceToken(nn.Module):
@@ -212,7 +232,7 @@ class SetTokens(nn.Module):
         self.null = nn.Parameter(torch.zeros(1, 1, d))
         self.queries = nn.Parameter(torch.randn(1, pool, d) * 0.02)
         self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
-        self.norm = nn.LayerNorm(d)
+        self.norm = AutocastLayerNorm(d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         elems = self.element(x * self.scale)
@@ -310,7 +330,7 @@ class RasterTokens(nn.Module):
             nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(2 * w, d, 3, stride=2, padding=1), nn.AdaptiveAvgPool2d(2),
         )
-        self.norm = nn.LayerNorm(d)
+        self.norm = AutocastLayerNorm(d)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         y = self.cnn(x * mask[:, :, None, None].to(x.dtype))
@@ -389,6 +409,7 @@ class TrajectoryPolicy(nn.Module):
         self.query = nn.Parameter(torch.randn(1, 1, d) * 0.02)
         layer = nn.TransformerEncoderLayer(d, cfg.num_heads, d * cfg.ffn_mult, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=True)
+        layer.norm1, layer.norm2 = AutocastLayerNorm(d), AutocastLayerNorm(d)  # the layers deep-copy these
         self.trunk = (nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
                       if cfg.num_layers else nn.Identity())
         check_query_trunk(self.trunk)

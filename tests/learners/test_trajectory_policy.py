@@ -380,3 +380,41 @@ def test_query_output_equals_the_trunk(train):
         for a, b in zip(torch.autograd.grad(out.square().sum(), params),
                         torch.autograd.grad(ref.square().sum(), params), strict=True):
             assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_autocast_layer_norm_keeps_the_autocast_dtype():
+    """Outside an autocast it is nn.LayerNorm (same state-dict keys, same values); under a bf16
+    autocast it returns bf16 (no float32 copy of the [B, N, d] tensors) near the float32 result, and
+    its float32 parameters get float32 gradients."""
+    from learners.trajectory_policy import AutocastLayerNorm
+
+    torch.manual_seed(0)
+    ref = torch.nn.LayerNorm(16)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+        ref.bias.uniform_(-0.5, 0.5)
+    norm = AutocastLayerNorm(16)
+    norm.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 9, 16) * 3 + 1
+    assert torch.equal(norm(x), ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = norm(x)
+        via_linear = norm(torch.nn.functional.linear(x, torch.eye(16)))  # a bf16 input stays bf16
+    assert low.dtype == via_linear.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref(x), rtol=0.02, atol=0.02)
+    low.float().square().sum().backward()
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32
+
+
+def test_policy_norms_run_in_the_autocast_dtype(make_obs):
+    """The element MLPs, set pooling and trunk layers use AutocastLayerNorm, under the state-dict keys
+    of the plain LayerNorms they replace (checkpoints are unchanged)."""
+    from learners.trajectory_policy import AutocastLayerNorm
+
+    policy = TrajectoryPolicy(TrajectoryPolicyConfig(size="tiny", num_layers=2, obs_keys=ALL))
+    assert isinstance(policy.encoders["map_points"].element[-1], AutocastLayerNorm)
+    assert isinstance(policy.encoders["agents"].norm, AutocastLayerNorm)
+    assert all(isinstance(layer.norm1, AutocastLayerNorm) and isinstance(layer.norm2, AutocastLayerNorm)
+               for layer in policy.trunk.layers)
+    keys = set(policy.state_dict())
+    assert {"trunk.layers.1.norm2.weight", "encoders.map_points.element.3.bias"} <= keys
