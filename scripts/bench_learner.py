@@ -61,7 +61,7 @@ def bench_precision(name: str, policy, args, device) -> dict:
     mb = minibatch(policy, args.rows, device)
     params = [p for p in policy.parameters() if p.requires_grad]
     # lr 0: the weights (and so every repeat) stay the same
-    opt = torch.optim.Adam(params, lr=0.0)
+    opt = torch.optim.Adam(params, lr=0.0, fused=device.type == "cuda")  # as the learner
     algo = GRPO()
     for micro in args.micro:
         def update(separate_old: bool, micro=micro):

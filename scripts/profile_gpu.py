@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     if "update" in args.phases:
         mb = minibatch(policy, args.micro, device)
         params = [p for p in policy.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(params, lr=0.0)
+        opt = torch.optim.Adam(params, lr=0.0, fused=device.type == "cuda")  # as the learner
         algo = GRPO()
 
         def update():
