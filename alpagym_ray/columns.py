@@ -2,9 +2,10 @@
 
 A rollout worker returns, per GRPO group, one compact RecordBatch of **decision rows**
 (:func:`step_schema`) and one of **episode rows** (:func:`episode_schema`). Observation columns are
-fixed-size lists of float32 (``obs.<key>``, flattened ``[*shape]``) with a fixed-size list of bool
-masks (``obs.<key>_mask``), so a column turns into a ``[rows, *shape]`` tensor without copying.
-Every decision row carries the ``policy_version`` that acted.
+fixed-size lists of float32, or float16 with ``topology.obs_storage=float16`` (``obs.<key>``,
+flattened ``[*shape]``), with a fixed-size list of bool masks (``obs.<key>_mask``), so a column turns
+into a ``[rows, *shape]`` tensor without copying. Every decision row carries the ``policy_version``
+that acted.
 """
 
 from __future__ import annotations
@@ -44,19 +45,34 @@ OBS_PREFIX = "obs."
 TRAJ_X, TRAJ_Y, TRAJ_YAW = "traj_x", "traj_y", "traj_yaw"
 
 
+OBS_STORAGE = {"float32": (pa.float32(), torch.float32), "float16": (pa.float16(), torch.float16)}
+"""``topology.obs_storage`` -> (Arrow type, torch dtype) of the observation columns. float16 halves the
+bytes every decision row moves (device -> host, Arrow, object store, host -> learner device); the
+policy then acts on the float16-rounded values, so acting and learning still see the same input."""
+
+
+def check_obs_storage(name: str) -> str:
+    """``name`` if valid, else ValueError naming the valid ones."""
+    if name not in OBS_STORAGE:
+        raise ValueError(f"topology.obs_storage {name!r} unknown; valid: {list(OBS_STORAGE)}")
+    return name
+
+
 def obs_column(key: str) -> str:
     return OBS_PREFIX + key
 
 
-def step_schema(obs_keys: Sequence[str], horizon: int) -> pa.Schema:
-    """Schema of decision rows for a policy reading ``obs_keys`` with actions ``[horizon, 3]``."""
+def step_schema(obs_keys: Sequence[str], horizon: int, obs_storage: str = "float32") -> pa.Schema:
+    """Schema of decision rows for a policy reading ``obs_keys`` with actions ``[horizon, 3]``,
+    observations stored as ``obs_storage`` (:data:`OBS_STORAGE`)."""
+    value_type = OBS_STORAGE[check_obs_storage(obs_storage)][0]
     fields = [
         pa.field(EPISODE_ID, pa.string()), pa.field(GROUP_ID, pa.string()), pa.field(SCENE_ID, pa.string()),
         pa.field(STEP, pa.int32()), pa.field(POLICY_VERSION, pa.int64()),
     ]
     for key in obs_keys:
         spec = SPECS[key]
-        fields.append(pa.field(obs_column(key), pa.list_(pa.float32(), math.prod(spec.shape))))
+        fields.append(pa.field(obs_column(key), pa.list_(value_type, math.prod(spec.shape))))
         fields.append(pa.field(obs_column(mask_key(key)), pa.list_(pa.bool_(), spec.shape[0])))
     fields += [
         pa.field(ACTION, pa.list_(pa.float32(), horizon * 3)),
@@ -94,15 +110,17 @@ def column_tensor(batch: pa.RecordBatch | pa.Table, name: str, shape: Sequence[i
     return array_tensor(col, shape)
 
 
-def column_to(table: pa.Table, name: str, shape: Sequence[int], device: torch.device | str) -> torch.Tensor:
-    """A fixed-size-list column of a (chunked) table as one ``[rows, *shape]`` tensor on ``device``:
-    each chunk is copied once, from its zero-copy view (shared memory for batches fetched from the
-    object store) into the result -- no intermediate host copy of the column."""
+def column_to(table: pa.Table, name: str, shape: Sequence[int], device: torch.device | str,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fixed-size-list column of a (chunked) table as one ``[rows, *shape]`` tensor on ``device``
+    (of ``dtype``, default the column's): each chunk is copied once, from its zero-copy view (shared
+    memory for batches fetched from the object store) into the result -- no intermediate host copy
+    of the column; a dtype change happens on ``device``, after the copy of the stored bytes."""
     chunks = [c for c in table.column(name).chunks if len(c)]
     if not chunks:
-        return column_tensor(table, name, shape).to(device)
+        return column_tensor(table, name, shape).to(device, dtype)
     parts = [array_tensor(c, shape) for c in chunks]
-    out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device=device)
+    out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=dtype or parts[0].dtype, device=device)
     offset = 0
     for part in parts:
         out[offset:offset + len(part)].copy_(part)
@@ -122,16 +140,18 @@ def array_tensor(col: pa.Array, shape: Sequence[int]) -> torch.Tensor:
 
 def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str],
                  device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
-    """The observation dict of decision rows, as the policy takes it (on ``device``: see :func:`column_to`)."""
+    """The observation dict of decision rows, as the policy takes it: float32 values whatever the
+    storage, bool masks (on ``device``: see :func:`column_to`)."""
     obs = {}
     for key in obs_keys:
         spec = SPECS[key]
-        for name, shape in ((key, spec.shape), (mask_key(key), spec.shape[:1])):
+        for name, shape, dtype in ((key, spec.shape, torch.float32), (mask_key(key), spec.shape[:1], None)):
             if device is None:
                 obs[name] = column_tensor(batch, obs_column(name), shape)
+                obs[name] = obs[name].to(dtype) if dtype is not None else obs[name]
             else:
                 table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-                obs[name] = column_to(table, obs_column(name), shape, device)
+                obs[name] = column_to(table, obs_column(name), shape, device, dtype)
     return obs
 
 

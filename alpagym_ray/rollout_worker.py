@@ -78,6 +78,7 @@ class RolloutWorker:
         weights: dict | None = None,
         precision: str = "fp32",
         compile_policy: bool = False,
+        obs_storage: str = "float32",
     ):
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -106,7 +107,8 @@ class RolloutWorker:
             raise ValueError(f"policy reads {list(self.policy.obs_keys)} but the env provides "
                              f"{list(self.env.obs_keys)}: missing {missing}")
         self.horizon = int(self.policy.action_spec.horizon)
-        self.schema = C.step_schema(self.policy.obs_keys, self.horizon)
+        self.schema = C.step_schema(self.policy.obs_keys, self.horizon, obs_storage)
+        self.obs_dtype = C.OBS_STORAGE[obs_storage][1]  # what the rows keep, and so what the policy acts on
         self.episode_schema = C.episode_schema(self.reward_fn.term_names, self.env.metric_names)
         self.flat_tools = load_flat_params
         self.pull_s = 0.0
@@ -203,10 +205,11 @@ class RolloutWorker:
             if record and alive[0]:
                 frames.append(self.env.render(0))
             clock.lap("other")
+            kept, policy_obs = self._stored(obs)
             with torch.no_grad(), autocast(self.precision, self.device):
-                action, logp, _ = self.policy.act(obs, generator=gen)
+                action, logp, _ = self.policy.act(policy_obs, generator=gen)
             clock.lap("policy")
-            rec.decision(alive, obs, action[:n].reshape(n, -1), logp[:n], self.version, n)
+            rec.decision(alive, kept, action[:n].reshape(n, -1), logp[:n], self.version, n)
             clock.lap("record")
             obs, _, terminated, truncated, info = self.env.step(action)
             ticks += int(alive.sum()) * self.env.decision_every
@@ -240,6 +243,15 @@ class RolloutWorker:
             imageio.mimwrite(os.path.join(self.video_dir, name), frames, fps=fps, macro_block_size=1)
         except Exception as e:  # a video is a nicety: never fail the group for it
             print(f"worker {self.worker_id}: video {name} not written ({type(e).__name__}: {e})", flush=True)
+
+    def _stored(self, obs: dict) -> tuple[dict, dict]:
+        """(the observation as the decision rows keep it, what the policy acts on): with float16
+        storage the policy acts on the float16-rounded values widened back, exactly what the learner
+        rebuilds from the rows (so log π of acting and learning stay equal)."""
+        if self.obs_dtype == torch.float32:
+            return obs, obs
+        kept = {k: torch.as_tensor(v).to(self.obs_dtype) if k in self.policy.obs_keys else v for k, v in obs.items()}
+        return kept, {k: v.float() if k in self.policy.obs_keys else v for k, v in kept.items()}
 
     def _obs_columns(self) -> list[str]:
         return [c for k in self.policy.obs_keys for c in (k, mask_key(k))]

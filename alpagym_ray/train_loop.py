@@ -81,7 +81,8 @@ def start_actors(spec: RunSpec):
             num_cpus=topo["rollout_cpus"], num_gpus=topo["rollout_gpus"], max_restarts=-1, max_task_retries=0,
         ).remote(f"w{i}", spec.env, spec.policy, spec.reward, broadcaster, G, B, topo["rollout_device"],
                  topo.get("torch_threads", 1), int(spec.extra.get("video_every", 0)) if i == 0 else 0, spec.run_dir,
-                 weight_settings(topo), topo.get("precision", "fp32"), topo.get("compile", False))
+                 weight_settings(topo), topo.get("precision", "fp32"), topo.get("compile", False),
+                 topo.get("obs_storage", "float32"))
         for i in range(int(topo["num_rollout_workers"]))
     ]
     buffer = ray.remote(EpisodeBuffer).options(num_cpus=0, max_concurrency=64).remote(
@@ -131,11 +132,42 @@ def learner_resources(topo: dict) -> dict:
     return res
 
 
+def resource_demand(topo: dict) -> dict[str, float]:
+    """The CPUs and GPUs the rollout workers and learner ranks of a topology reserve in Ray (the
+    broadcaster and the buffer reserve none)."""
+    n, m = int(topo["num_rollout_workers"]), int(topo["num_learners"])
+    learner = learner_resources(topo)
+    return {"CPU": n * float(topo["rollout_cpus"]) + m * learner["CPU"],
+            "GPU": n * float(topo["rollout_gpus"]) + m * learner.get("GPU", 0.0)}
+
+
+def check_resources(topo: dict, available: dict, can_grow: bool) -> str | None:
+    """Ray waits forever for resources no node has: a topology asking for more CPUs or GPUs than the
+    cluster holds raises ValueError naming the keys to change, unless the cluster ``can_grow`` (an
+    autoscaler may add nodes): then the returned warning says what is missing."""
+    demand = resource_demand(topo)
+    short = {k: (v, float(available.get(k, 0.0))) for k, v in demand.items() if v > available.get(k, 0.0) + 1e-9}
+    if not short:
+        return None
+    need = ", ".join(f"{v:g} {k}s but the cluster has {have:g}" for k, (v, have) in short.items())
+    msg = (f"topology {topo.get('name', '?')!r} asks for {need} (num_rollout_workers x rollout_cpus / "
+           f"rollout_gpus + num_learners x learner_cpus / learner_gpus); lower topology.num_rollout_workers, "
+           f"topology.rollout_gpus, topology.rollout_cpus or the learner's share")
+    if can_grow:
+        return msg + "; waiting for the cluster to grow"
+    raise ValueError(msg)
+
+
 def run(spec: RunSpec) -> dict:
     """A whole run; returns the summary (also written to ``run_dir/summary.json``)."""
     run_dir = Path(spec.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     init_ray(spec.topology)
+    # only an autoscaling cluster (topology.autoscaling, the `cluster` preset) gets more than it has now
+    warning = check_resources(spec.topology, ray.cluster_resources(),
+                              can_grow=bool(spec.topology.get("autoscaling", False)))
+    if warning:
+        print(f"warning: {warning}", flush=True)
     t0 = time.time()
     broadcaster, workers, buffer = start_actors(spec)
     result = fit(spec, broadcaster, buffer)

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -24,17 +25,26 @@ POLICY = {"_target_": "learners.trajectory_policy.build_policy", "size": "tiny",
 
 
 @pytest.fixture(scope="module")
-def worker(tmp_path_factory):
+def scenes(tmp_path_factory):
     torch.set_num_threads(1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         root = tmp_path_factory.mktemp("scenes")
-        scenes = small_scene_set(root, n=2, seed=0)
+        return root, small_scene_set(root, n=2, seed=0).ids
+
+
+def make_worker(root, **kw) -> RolloutWorker:
     env = {"_target_": "envs.drivesim.factory.make_batched_env", "scenes_path": str(Path(root).resolve()),
            "config": {"obs_keys": KEYS, "horizon": 20, "max_ticks": 30}}
-    w = RolloutWorker("t0", env, POLICY, REWARD, broadcaster=None, group_size=3, num_envs=8)
+    w = RolloutWorker("t0", env, POLICY, REWARD, broadcaster=None, group_size=3, num_envs=8, **kw)
     w.version = 7  # fixed weights: no broadcaster
-    return w, scenes.ids
+    return w
+
+
+@pytest.fixture(scope="module")
+def worker(scenes):
+    root, ids = scenes
+    return make_worker(root), ids
 
 
 def test_rows_line_up_with_observations_actions_and_returns(worker):
@@ -99,3 +109,29 @@ def test_failed_env_fails_the_groups_not_the_worker(worker):
     again = w.run_groups([GroupRequest("ok", 2, {"scene_id": ids[0]})])
     assert again[0][0].ok
 
+
+
+def test_float16_observation_storage_keeps_log_probs_exact(scenes):
+    """obs_storage=float16: observation columns are half floats, the learner's view of them is
+    float32, and the policy acted on exactly those values (the log-probs the learner recomputes
+    from the rows match the behaviour ones as closely as with float32 storage)."""
+    root, ids = scenes
+    w = make_worker(root, obs_storage="float16")
+    out = w.run_groups([GroupRequest("g16", 11, {"scene_id": ids[0], "start_step": 0})])
+    meta, batch = out[0][0], out[1]
+    assert meta.ok, meta.error
+    for key in KEYS:
+        assert batch.schema.field(C.obs_column(key)).type.value_type == pa.float16()
+    obs = C.observations(batch, KEYS)
+    assert all(obs[k].dtype == torch.float32 for k in KEYS)
+    assert torch.equal(obs["route"], obs["route"].half().float())            # float16 values, widened
+    action = C.column_tensor(batch, C.ACTION, (20, 3))
+    with torch.no_grad():
+        logp = w.policy.log_prob(obs, action)
+    np.testing.assert_allclose(logp.numpy(), batch.column(C.LOGP_BEHAVIOR).to_numpy(), atol=2e-3, rtol=1e-4)
+    table = pa.Table.from_batches([batch, batch])                            # the learner's chunked path
+    on_device = C.observations(table, KEYS, device="cpu")
+    assert on_device["route"].dtype == torch.float32
+    assert torch.equal(on_device["route"][: batch.num_rows], obs["route"])
+    with pytest.raises(ValueError, match="obs_storage 'int8' unknown; valid"):
+        make_worker(root, obs_storage="int8")
