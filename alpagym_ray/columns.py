@@ -123,7 +123,9 @@ def column_to(table: pa.Table, name: str, shape: Sequence[int], device: torch.de
     out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=dtype or parts[0].dtype, device=device)
     offset = 0
     for part in parts:
-        out[offset:offset + len(part)].copy_(part)
+        # a copy across devices that also changes the dtype converts on the host (PyTorch's copy_):
+        # move the stored bytes first, convert on the device
+        out[offset:offset + len(part)].copy_(part.to(out.device) if part.dtype != out.dtype else part)
         offset += len(part)
     return out
 

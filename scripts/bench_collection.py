@@ -78,7 +78,7 @@ def build_configs(overrides: list[str], scenes_path: str, scene_ids: list[str]) 
     starts = [int(s) for s in cfg["scenes"]["start_steps"]]
     groups = [{"scene_id": s, "start_step": t} for s in scene_ids for t in starts]
     return {"env": env, "policy": policy, "reward": cfg["reward"], "learner": cfg["learner"],
-            "groups": groups,
+            "groups": groups, "obs_storage": cfg["topology"].get("obs_storage", "float32"),
             "decision_every": int(env["config"].get("decision_every", 1))}
 
 
@@ -159,7 +159,8 @@ def run_local_worker(index: int, cfg: dict, flat: np.ndarray, args: dict, start:
     torch.set_num_threads(1)
     G, B = args["group_size"], args["envs_per_worker"]
     worker = LocalRolloutWorker(flat, worker_id=f"local{index}", env=cfg["env"], policy=cfg["policy"],
-                                reward=cfg["reward"], group_size=G, num_envs=B, device="cpu", torch_threads=1)
+                                reward=cfg["reward"], group_size=G, num_envs=B, device="cpu", torch_threads=1,
+                                obs_storage=cfg["obs_storage"])
     rng = np.random.default_rng(1000 + index)
     if start is not None:
         start.wait()
@@ -238,7 +239,7 @@ def measure_ray(cfg: dict, flat: np.ndarray, args: dict, run_dir: str) -> dict:
         learner = dict(cfg["learner"], group_size=G, groups_per_iteration=B // G, max_staleness=10**9)
         topology = {"name": "bench", "address": None, "num_rollout_workers": W, "envs_per_worker": B,
                     "rollout_cpus": args["rollout_cpus"], "rollout_gpus": 0, "rollout_device": "cpu",
-                    "torch_threads": 1}
+                    "torch_threads": 1, "obs_storage": cfg["obs_storage"]}
         spec = train_loop.RunSpec(run_dir=run_dir, env=cfg["env"], policy=cfg["policy"],
                                   reward=cfg["reward"], learner=learner, topology=topology,
                                   train_groups=cfg["groups"], iterations=0)
