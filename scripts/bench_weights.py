@@ -63,7 +63,27 @@ def machine_meta(**extra: Any) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
             "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "gpu": gpu, "commit": _commit(), **extra, "loadavg_after": os.getloadavg()}
+            "gpu": gpu, "commit": _commit(), "source_sha": source_sha(), **extra, "loadavg_after": os.getloadavg()}
+
+
+SOURCE_DIRS = ("alpagym_ray", "learners", "envs", "rewards", "scripts")
+
+
+def source_sha(root: str | None = None) -> str:
+    """SHA-256 (16 hex digits) of the project's ``.py`` and ``.yaml`` files, by relative path: names the
+    code a benchmark measured where ``git`` cannot (a copy of the working tree whose ``.git`` is stale
+    reports an old commit ``+dirty``). ``python scripts/bench_weights.py --source-sha`` prints it for a
+    checkout, to match a JSON with its commit."""
+    import hashlib
+    from pathlib import Path
+
+    base = Path(root) if root else Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for d in SOURCE_DIRS:
+        for f in sorted(p for p in (base / d).rglob("*") if p.suffix in (".py", ".yaml") and p.is_file()
+                        and "results" not in p.parts and "__pycache__" not in p.parts):
+            h.update(f.relative_to(base).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def _commit() -> str | None:
@@ -212,7 +232,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="where the learner and worker keep their models")
     p.add_argument("--out", default="runs/bench_weights.json")
+    p.add_argument("--source-sha", action="store_true", help="print this checkout's source_sha and exit")
     args = p.parse_args()
+    if args.source_sha:
+        print(source_sha())
+        return
     sizes = [int(n) for n in args.params]
     if min(sizes) < 1 or args.repeats < 1:
         p.error("--params must be >= 1 and --repeats >= 1")
