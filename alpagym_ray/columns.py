@@ -149,8 +149,8 @@ def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str],
         spec = SPECS[key]
         for name, shape, dtype in ((key, spec.shape, torch.float32), (mask_key(key), spec.shape[:1], None)):
             if device is None:
-                obs[name] = column_tensor(batch, obs_column(name), shape)
-                obs[name] = obs[name].to(dtype) if dtype is not None else obs[name]
+                tensor = column_tensor(batch, obs_column(name), shape)
+                obs[name] = tensor if dtype is None else tensor.to(dtype)
             else:
                 table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
                 obs[name] = column_to(table, obs_column(name), shape, device, dtype)

@@ -239,7 +239,6 @@ class SetTokens(nn.Module):
         return self.norm(pool_by_queries(self.attn, self.queries[0], self.null[0, 0], elems, mask.bool()))
 
 
-
 def pool_by_queries(attn: nn.MultiheadAttention, queries: torch.Tensor, null: torch.Tensor, elems: torch.Tensor,
                     keep: torch.Tensor) -> torch.Tensor:
     """``attn(queries, [null, elems], [null, elems])`` with ``keep`` as the key mask, for learned

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_policy import random_obs, timed  # noqa: E402
-from bench_weights import machine_meta  # noqa: E402
+from bench_weights import machine_meta, write_result  # noqa: E402
 
 from alpagym_ray.learner import grpo_update, log_probs  # noqa: E402
 from alpagym_ray.precision import PRECISIONS, autocast, set_matmul_precision  # noqa: E402
@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{name}+compile", json.dumps(result["precisions"][f"{name}+compile"], indent=1), flush=True)
     result["meta"] |= machine_meta()  # the load average after the run
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        write_result(args.out, result)
     return result
 
 

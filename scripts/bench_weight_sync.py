@@ -33,7 +33,11 @@ from typing import Any
 
 import ray
 import torch
-from bench_weights import FlatModel, machine_meta  # scripts/: the same synthetic model as the object-store benchmark
+from bench_weights import (  # scripts/: the same synthetic model as the object-store benchmark
+    FlatModel,
+    machine_meta,
+    write_result,
+)
 
 from alpagym_ray.flat_params import flatten_params, load_flat_params
 from alpagym_ray.weight_sync import WeightReceiver, WeightSender
@@ -198,8 +202,7 @@ def main() -> None:
         ray.shutdown()
     meta = machine_meta(backend=args.backend, gpus=gpus, gpu=torch.cuda.get_device_name(0) if gpus else None,
                         object_store_bytes=store, loadavg_before=load_before)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "args": vars(args), "results": results}, indent=1))
+    write_result(out, {"meta": meta, "args": vars(args), "results": results})
     print(f"{'params':>12} {'MB':>6} {'mode':>12} {'publish ms':>11} {'end-to-end ms':>14} {'GB/s':>6}")
     for r in results:
         print(f"{r['parameters']:>12,} {r['bytes'] / 1e6:>6.0f} {r['mode']:>12} {r['publish_s'] * 1e3:>11.2f} "

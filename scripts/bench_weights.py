@@ -66,6 +66,12 @@ def machine_meta(**extra: Any) -> dict:
             "gpu": gpu, "commit": _commit(), "source_sha": source_sha(), **extra, "loadavg_after": os.getloadavg()}
 
 
+def write_result(path: str | os.PathLike, result: dict) -> None:
+    """A benchmark's result as indented JSON at ``path`` (its folder made if missing)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=1))
+
+
 SOURCE_DIRS = ("alpagym_ray", "learners", "envs", "rewards", "scripts")
 
 
@@ -75,7 +81,6 @@ def source_sha(root: str | None = None) -> str:
     reports an old commit ``+dirty``). ``python scripts/bench_weights.py --source-sha`` prints it for a
     checkout, to match a JSON with its commit."""
     import hashlib
-    from pathlib import Path
 
     base = Path(root) if root else Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
@@ -264,8 +269,7 @@ def main() -> None:
     meta = machine_meta(device=args.device,
                         gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                         object_store_bytes=store, loadavg_before=load_before)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "args": vars(args), "results": results}, indent=1))
+    write_result(args.out, {"meta": meta, "args": vars(args), "results": results})
     columns = ("flatten_s", "publish_call_s", "pull_s", "end_to_end_s", "floor_s")
     print(f"{'params':>12} {'MB':>6} " + " ".join(f"{c[:-2] + ' ms':>14}" for c in columns) + "  x floor")
     for r in results:

@@ -33,7 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_learner import minibatch  # noqa: E402
 from bench_policy import random_obs, timed  # noqa: E402
-from bench_weights import machine_meta  # noqa: E402
+from bench_weights import machine_meta, write_result  # noqa: E402
 
 from alpagym_ray.learner import grpo_update  # noqa: E402
 from alpagym_ray.precision import autocast, set_matmul_precision  # noqa: E402
@@ -195,8 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                 op = t["op"][:80]
                 print(f"   {t['device_ms_per_call']:8.2f} ms {t['share']:6.1%} x{t['count_per_call']:.0f} {op}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(out, indent=1))
+        write_result(args.out, out)
     return out
 
 
