@@ -296,21 +296,23 @@ def train_loop_per_worker(config: dict) -> None:
     obs_keys, horizon = tuple(policy.obs_keys), int(policy.action_spec.horizon)
     M, epochs = lc["minibatches"], lc["epochs"]
 
-    def fetch(it: int) -> tuple[dict, list[dict], float]:
+    def fetch(it: int) -> tuple[dict, list[dict], float, float]:
+        """(shard, its minibatches on the device, seconds loading them, seconds waiting for the buffer)."""
+        t_ask = time.perf_counter()
         shard = ray.get(buffer.take_shard.remote(it, rank, world, M))
         t0 = time.perf_counter()
         with _side_stream(device) as stream:
             mbs = [load_groups(entries, obs_keys, horizon, device, algorithm) for entries in shard["minibatches"]]
             if stream is not None:
                 stream.synchronize()
-        return shard, mbs, time.perf_counter() - t0
+        return shard, mbs, time.perf_counter() - t0, t0 - t_ask
 
     prefetch = ShardPrefetch(fetch, enabled=bool(lc.get("prefetch", False)))
     prefetch.submit(start_iteration)
     for it in range(start_iteration, config["iterations"]):
         t_iter = time.perf_counter()
         _maybe_crash(config, it, rank, run_dir)
-        shard, mbs, load_s = prefetch.take(it)
+        shard, mbs, load_s, buffer_wait_s = prefetch.take(it)
         if it + 1 < config["iterations"]:
             prefetch.submit(it + 1)  # loads while this iteration learns
         t_data = t_load = time.perf_counter()
@@ -333,7 +335,7 @@ def train_loop_per_worker(config: dict) -> None:
         metrics = dict(agg)
         metrics.update(iteration=it, version=version, entropy=entropy, lr=optimizer.param_groups[0]["lr"],
                        learner_s=time.perf_counter() - t_data, data_wait_s=t_data - t_iter,
-                       load_s=load_s, old_logp_s=t_old - t_load, update_s=t_update - t_old,
+                       load_s=load_s, buffer_wait_s=buffer_wait_s, old_logp_s=t_old - t_load, update_s=t_update - t_old,
                        decisions=sum(int(mb["action"].shape[0]) for mb in mbs))
         checkpoint_now = (it + 1) % lc["checkpoint_every"] == 0 or it + 1 == config["iterations"]
         if rank == 0:
@@ -494,7 +496,7 @@ def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
     step = metrics["version"]
     for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "lr", "is_weight_mean",
               "is_weight_max", "is_ess_fraction", "publish_s", "publish_collective", "learner_s", "data_wait_s",
-              "load_s", "old_logp_s", "update_s"):
+              "load_s", "buffer_wait_s", "old_logp_s", "update_s"):
         if k in metrics:
             writer.add_scalar(f"learner/{k}", metrics[k], step)
     for k in ("return_mean", "return_std", "staleness_p50", "staleness_p99", "staleness_max", "buffer_groups",
