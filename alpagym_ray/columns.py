@@ -18,6 +18,7 @@ import pyarrow as pa
 import torch
 
 from alpagym_ray.observations import SPECS, mask_key
+from alpagym_ray.pinned_upload import staging_for
 
 # decision rows
 EPISODE_ID = "episode_id"
@@ -111,16 +112,27 @@ def column_tensor(batch: pa.RecordBatch | pa.Table, name: str, shape: Sequence[i
 
 
 def column_to(table: pa.Table, name: str, shape: Sequence[int], device: torch.device | str,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
+              dtype: torch.dtype | None = None, pinned: bool = True) -> torch.Tensor:
     """A fixed-size-list column of a (chunked) table as one ``[rows, *shape]`` tensor on ``device``
-    (of ``dtype``, default the column's): each chunk is copied once, from its zero-copy view (shared
-    memory for batches fetched from the object store) into the result -- no intermediate host copy
-    of the column; a dtype change happens on ``device``, after the copy of the stored bytes."""
+    (of ``dtype``, default the column's), read from each chunk's zero-copy view (shared memory for
+    batches fetched from the object store) -- no intermediate host copy of the whole column; a dtype
+    change happens on ``device``, after the copy of the stored bytes.
+
+    To CUDA with ``pinned`` (the learner's path): the chunks are packed into the process's pinned
+    staging buffers and go to the device in a few large asynchronous copies on the current stream
+    (:mod:`alpagym_ray.pinned_upload`); the result is ready once that stream's queued work is.
+    Otherwise (CPU, or ``pinned=False``): one synchronous copy per chunk."""
     chunks = [c for c in table.column(name).chunks if len(c)]
     if not chunks:
         return column_tensor(table, name, shape).to(device, dtype)
-    parts = [array_tensor(c, shape) for c in chunks]
-    out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=dtype or parts[0].dtype, device=device)
+    parts = [array_tensor(c, shape).contiguous() for c in chunks]  # contiguous already: a no-op
+    stored = parts[0].dtype
+    staging = staging_for(device) if pinned else None
+    if staging is not None:
+        out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=stored, device=device)
+        staging.upload(parts, out)
+        return out if dtype is None or dtype == stored else out.to(dtype)
+    out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=dtype or stored, device=device)
     offset = 0
     for part in parts:
         # a copy across devices that also changes the dtype converts on the host (PyTorch's copy_):
@@ -141,9 +153,9 @@ def array_tensor(col: pa.Array, shape: Sequence[int]) -> torch.Tensor:
 
 
 def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str],
-                 device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                 device: torch.device | str | None = None, pinned: bool = True) -> dict[str, torch.Tensor]:
     """The observation dict of decision rows, as the policy takes it: float32 values whatever the
-    storage, bool masks (on ``device``: see :func:`column_to`)."""
+    storage, bool masks (on ``device``, through pinned staging on CUDA if ``pinned``: see :func:`column_to`)."""
     obs = {}
     for key in obs_keys:
         spec = SPECS[key]
@@ -153,7 +165,7 @@ def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str],
                 obs[name] = tensor if dtype is None else tensor.to(dtype)
             else:
                 table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
-                obs[name] = column_to(table, obs_column(name), shape, device, dtype)
+                obs[name] = column_to(table, obs_column(name), shape, device, dtype, pinned)
     return obs
 
 

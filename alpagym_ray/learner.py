@@ -127,11 +127,15 @@ def _broadcast_int(value: int, device: torch.device) -> int:
     return int(t.item())
 
 
-def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, algorithm: Algorithm):
+def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, algorithm: Algorithm,
+                pinned: bool = True):
     """Decision rows of whole groups -> tensors (obs, action, logp_behavior, advantage, version) on ``device``;
-    the advantages are ``algorithm.advantages`` of the groups' returns."""
-    # chunked, not combined: each column goes from the object store's shared memory to the device in
-    # one copy per group (combining first copied every column once more on the host)
+    the advantages are ``algorithm.advantages`` of the groups' returns. On CUDA the copies are queued on the
+    current stream (through pinned staging if ``pinned``; ``False`` is the plain copy per Arrow chunk, for
+    ``scripts/bench_load.py``'s comparison): synchronise it before using the tensors on another stream."""
+    # chunked, not combined: each column goes from the object store's shared memory to the device without
+    # a combined copy on the host first (that copied every column once more); the pinned staging packs
+    # the chunks (one per group) into a few large transfers
     table = pa.Table.from_batches(ray.get([ref for _, ref in entries]))
     returns = torch.tensor([m.returns for m, _ in entries], dtype=torch.float32)      # [groups, G]
     adv, informative = algorithm.advantages(returns)
@@ -142,8 +146,8 @@ def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, 
         raise ValueError(f"load_groups: {idx.null_count} decision rows belong to no episode of their groups")
     advantage = adv.reshape(-1).float()[torch.from_numpy(idx.to_numpy(zero_copy_only=False).astype(np.int64))]
     out = {
-        "obs": C.observations(table, obs_keys, device),
-        "action": C.column_to(table, C.ACTION, (horizon, 3), device),
+        "obs": C.observations(table, obs_keys, device, pinned),
+        "action": C.column_to(table, C.ACTION, (horizon, 3), device, pinned=pinned),
         "logp_behavior": torch.from_numpy(table.column(C.LOGP_BEHAVIOR).to_numpy()).to(device),
         "advantage": advantage.to(device),
         "version": torch.from_numpy(table.column(C.POLICY_VERSION).to_numpy()),
