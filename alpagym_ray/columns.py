@@ -112,14 +112,14 @@ def column_tensor(batch: pa.RecordBatch | pa.Table, name: str, shape: Sequence[i
 
 
 def column_to(table: pa.Table, name: str, shape: Sequence[int], device: torch.device | str,
-              dtype: torch.dtype | None = None, pinned: bool = True) -> torch.Tensor:
+              dtype: torch.dtype | None = None, pinned: bool = False) -> torch.Tensor:
     """A fixed-size-list column of a (chunked) table as one ``[rows, *shape]`` tensor on ``device``
     (of ``dtype``, default the column's), read from each chunk's zero-copy view (shared memory for
     batches fetched from the object store) -- no intermediate host copy of the whole column; a dtype
     change happens on ``device``, after the copy of the stored bytes.
 
-    To CUDA with ``pinned`` (the learner's path): the chunks are packed into the process's pinned
-    staging buffers and go to the device in a few large asynchronous copies on the current stream
+    To CUDA with ``pinned`` (``learner.pinned_upload``): the chunks are packed into the process's
+    pinned staging buffers and go to the device in a few large asynchronous copies on the current stream
     (:mod:`alpagym_ray.pinned_upload`); the result is ready once that stream's queued work is.
     Otherwise (CPU, or ``pinned=False``): one synchronous copy per chunk."""
     chunks = [c for c in table.column(name).chunks if len(c)]
@@ -153,7 +153,7 @@ def array_tensor(col: pa.Array, shape: Sequence[int]) -> torch.Tensor:
 
 
 def observations(batch: pa.RecordBatch | pa.Table, obs_keys: Sequence[str],
-                 device: torch.device | str | None = None, pinned: bool = True) -> dict[str, torch.Tensor]:
+                 device: torch.device | str | None = None, pinned: bool = False) -> dict[str, torch.Tensor]:
     """The observation dict of decision rows, as the policy takes it: float32 values whatever the
     storage, bool masks (on ``device``, through pinned staging on CUDA if ``pinned``: see :func:`column_to`)."""
     obs = {}

@@ -128,11 +128,11 @@ def _broadcast_int(value: int, device: torch.device) -> int:
 
 
 def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, algorithm: Algorithm,
-                pinned: bool = True):
+                pinned: bool = False):
     """Decision rows of whole groups -> tensors (obs, action, logp_behavior, advantage, version) on ``device``;
     the advantages are ``algorithm.advantages`` of the groups' returns. On CUDA the copies are queued on the
-    current stream (through pinned staging if ``pinned``; ``False`` is the plain copy per Arrow chunk, for
-    ``scripts/bench_load.py``'s comparison): synchronise it before using the tensors on another stream."""
+    current stream (through pinned staging if ``pinned``, ``learner.pinned_upload``; else one plain copy per
+    Arrow chunk): synchronise it before using the tensors on another stream."""
     # chunked, not combined: each column goes from the object store's shared memory to the device without
     # a combined copy on the host first (that copied every column once more); the pinned staging packs
     # the chunks (one per group) into a few large transfers
@@ -299,6 +299,7 @@ def train_loop_per_worker(config: dict) -> None:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     obs_keys, horizon = tuple(policy.obs_keys), int(policy.action_spec.horizon)
     M, epochs = lc["minibatches"], lc["epochs"]
+    pinned = bool(lc.get("pinned_upload", False))  # load through pinned staging (CUDA only)
 
     def fetch(it: int) -> tuple[dict, list[dict], float, float]:
         """(shard, its minibatches on the device, seconds loading them, seconds waiting for the buffer)."""
@@ -306,7 +307,8 @@ def train_loop_per_worker(config: dict) -> None:
         shard = ray.get(buffer.take_shard.remote(it, rank, world, M))
         t0 = time.perf_counter()
         with _side_stream(device) as stream:
-            mbs = [load_groups(entries, obs_keys, horizon, device, algorithm) for entries in shard["minibatches"]]
+            mbs = [load_groups(entries, obs_keys, horizon, device, algorithm, pinned)
+                   for entries in shard["minibatches"]]
             if stream is not None:
                 stream.synchronize()
         return shard, mbs, time.perf_counter() - t0, t0 - t_ask

@@ -88,11 +88,11 @@ def test_column_to_through_staging_matches_the_plain_copies(monkeypatch, storage
     plain_action = C.column_to(table, C.ACTION, (20, 3), "cpu")
     staging = PinnedStaging(slot_bytes=100, pin=False)
     monkeypatch.setattr(C, "staging_for", lambda device: staging)
-    staged = C.observations(table, KEYS, "cpu")
+    staged = C.observations(table, KEYS, "cpu", pinned=True)
     assert staging.bytes > 0
     for k, v in plain.items():
         assert staged[k].dtype == v.dtype and torch.equal(staged[k], v), k
-    assert torch.equal(C.column_to(table, C.ACTION, (20, 3), "cpu"), plain_action)
+    assert torch.equal(C.column_to(table, C.ACTION, (20, 3), "cpu", pinned=True), plain_action)
     before = staging.bytes
     unstaged = C.observations(table, KEYS, "cpu", pinned=False)
     assert staging.bytes == before and all(torch.equal(unstaged[k], v) for k, v in plain.items())
@@ -133,3 +133,28 @@ def test_column_to_cuda_matches_the_host(storage):
         for k, v in host.items():
             assert on_gpu[k].dtype == v.dtype and torch.equal(on_gpu[k].cpu(), v), (k, pinned)
     assert staging_for("cuda") is staging_for(torch.device("cuda", torch.cuda.current_device()))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("pinned", [True, False])
+def test_load_groups_stages_only_when_asked(ray_session, monkeypatch, pinned):
+    """``learner.pinned_upload`` reaches the copies: load_groups(pinned=True) sends every observation
+    and action byte through the staging and gives the same tensors as the plain path."""
+    from learners.grpo import GRPO
+
+    from alpagym_ray.learner import load_groups
+
+    class Meta:
+        group_id, returns = "g", [0.0, 1.0]
+
+    table = step_table("float16", rows=(9,))
+    entries = [(Meta(), ray_session.put(table.to_batches()[0]))]
+    staging = PinnedStaging(slot_bytes=256, pin=False)
+    monkeypatch.setattr(C, "staging_for", lambda device: staging)
+    staged = load_groups(entries, KEYS, 20, "cpu", GRPO(), pinned=pinned)
+    plain = load_groups(entries, KEYS, 20, "cpu", GRPO(), pinned=False)
+    value_bytes = 9 * (sum(int(np.prod(SPECS[k].shape)) * 2 + SPECS[k].shape[0] for k in KEYS) + 20 * 3 * 4)
+    assert staging.bytes == (value_bytes if pinned else 0)
+    for k, v in plain["obs"].items():
+        assert torch.equal(staged["obs"][k], v), k
+    assert torch.equal(staged["action"], plain["action"])
