@@ -140,9 +140,8 @@ def test_column_to_cuda_matches_the_host(storage):
 def test_load_groups_stages_only_when_asked(ray_session, monkeypatch, pinned):
     """``learner.pinned_upload`` reaches the copies: load_groups(pinned=True) sends every observation
     and action byte through the staging and gives the same tensors as the plain path."""
-    from learners.grpo import GRPO
-
     from alpagym_ray.learner import load_groups
+    from learners.grpo import GRPO
 
     class Meta:
         group_id, returns = "g", [0.0, 1.0]
