@@ -35,11 +35,11 @@ def scalars(tb_dir: Path) -> dict[str, list[float]]:
     return {tag: [e.value for e in ea.Scalars(tag)] for tag in ea.Tags()["scalars"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_e2e.json")
     p.add_argument("overrides", nargs="*", help="Hydra overrides (after --)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from alpagym_ray.commands import train
 
     run_dir = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
@@ -72,9 +72,10 @@ def main() -> None:
         "learner_decisions_per_s": rows_per_iter / statistics.mean(learner_s),
         "learner_data_wait_fraction": statistics.mean(wait_s) / statistics.mean(iter_s),
         "learner_buffer_wait_fraction": statistics.mean(buffer_wait_s) / statistics.mean(iter_s),
-        # the learner's own time: Arrow -> device tensors, the pi_old / reference passes, the update
-        "learner_phase_s": {k: statistics.mean(tb[f"learner/{k}_s"][1:]) for k in ("load", "old_logp", "update")
-                            if f"learner/{k}_s" in tb},
+        # the learner's time per phase: waiting for the buffer, Arrow -> device tensors, the pi_old /
+        # reference passes, the update, publishing the weights (and telling the buffer)
+        "learner_phase_s": {k: statistics.mean(tb[f"learner/{k}_s"][1:])
+                            for k in ("buffer_wait", "load", "old_logp", "update", "publish") if f"learner/{k}_s" in tb},
         "rollout_phase_fraction": buffer.get("rollout_phase_fraction", {}),
         "rollout_env_steps_per_s_since_start": buffer.get("rollout_env_steps_per_s"),
         "env_steps_per_decision": ticks_per_row,
@@ -87,6 +88,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
+    return result
 
 
 if __name__ == "__main__":
