@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         # the learner's time per phase: waiting for the buffer, Arrow -> device tensors, the pi_old /
         # reference passes, the update, publishing the weights (and telling the buffer)
         "learner_phase_s": {k: statistics.mean(tb[f"learner/{k}_s"][1:])
-                            for k in ("buffer_wait", "load", "old_logp", "update", "publish") if f"learner/{k}_s" in tb},
+                            for k in ("buffer_wait", "load", "old_logp", "update", "publish")
+                            if f"learner/{k}_s" in tb},
         "rollout_phase_fraction": buffer.get("rollout_phase_fraction", {}),
         "rollout_env_steps_per_s_since_start": buffer.get("rollout_env_steps_per_s"),
         "env_steps_per_decision": ticks_per_row,
