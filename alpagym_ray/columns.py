@@ -126,13 +126,13 @@ def column_to(table: pa.Table, name: str, shape: Sequence[int], device: torch.de
     if not chunks:
         return column_tensor(table, name, shape).to(device, dtype)
     parts = [array_tensor(c, shape).contiguous() for c in chunks]  # contiguous already: a no-op
-    stored = parts[0].dtype
+    stored, shape_out = parts[0].dtype, (table.num_rows, *parts[0].shape[1:])
     staging = staging_for(device) if pinned else None
     if staging is not None:
-        out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=stored, device=device)
+        out = torch.empty(shape_out, dtype=stored, device=device)
         staging.upload(parts, out)
         return out if dtype is None or dtype == stored else out.to(dtype)
-    out = torch.empty((table.num_rows, *parts[0].shape[1:]), dtype=dtype or stored, device=device)
+    out = torch.empty(shape_out, dtype=dtype or stored, device=device)
     offset = 0
     for part in parts:
         # a copy across devices that also changes the dtype converts on the host (PyTorch's copy_):

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_weights import machine_meta, write_result  # noqa: E402
 
 from alpagym_ray import columns as C  # noqa: E402
-from alpagym_ray.learner import _side_stream, load_groups  # noqa: E402
+from alpagym_ray.learner import _side_stream, _synced, load_groups  # noqa: E402
 from alpagym_ray.observations import SPECS, mask_key  # noqa: E402
 from alpagym_ray.pinned_upload import staging_for  # noqa: E402
 from learners.grpo import GRPO  # noqa: E402
@@ -95,18 +95,12 @@ def put_groups(storage: str, groups: int, rows: int, group_size: int,
     return entries
 
 
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
 def time_load(entries, device: torch.device, pinned: bool) -> float:
     """Seconds of one ``load_groups`` (on a side stream, as the learner), device work included."""
-    t0 = _sync(device)
+    t0 = _synced(device)
     with _side_stream(device):
         out = load_groups(entries, ALL_DRIVESIM_KEYS, HORIZON, device, GRPO(), pinned=pinned)
-    dt = _sync(device) - t0
+    dt = _synced(device) - t0
     del out
     return dt
 
@@ -115,7 +109,7 @@ def breakdown(entries, device: torch.device, pinned: bool) -> dict[str, float]:
     """One load in ``load_groups``'s steps (seconds each, device work included)."""
     staging = staging_for(device) if pinned else None
     wait0 = staging.wait_s if staging is not None else 0.0
-    t0 = _sync(device)
+    t0 = _synced(device)
     with _side_stream(device):
         table = pa.Table.from_batches(ray.get([ref for _, ref in entries]))
         t1 = time.perf_counter()
@@ -123,9 +117,9 @@ def breakdown(entries, device: torch.device, pinned: bool) -> dict[str, float]:
         pc.index_in(table.column(C.EPISODE_ID), value_set=keys)
         t2 = time.perf_counter()
         obs = C.observations(table, ALL_DRIVESIM_KEYS, device, pinned)
-        t3 = _sync(device)
+        t3 = _synced(device)
         action = C.column_to(table, C.ACTION, (HORIZON, 3), device, pinned=pinned)
-        t4 = _sync(device)
+        t4 = _synced(device)
     del obs, action, table
     return {"get_table_s": t1 - t0, "index_in_s": t2 - t1, "observations_s": t3 - t2, "action_s": t4 - t3,
             "staging_wait_s": (staging.wait_s - wait0) if staging is not None else 0.0}
@@ -141,9 +135,9 @@ def floor(device: torch.device, mib: int, repeats: int) -> dict[str, float]:
         fn()  # warm-up (first touch, driver state)
         times = []
         for _ in range(repeats):
-            t0 = _sync(device)
+            t0 = _synced(device)
             fn()
-            times.append(_sync(device) - t0)
+            times.append(_synced(device) - t0)
         return n / statistics.median(times) / 1e9
 
     out = {"mib": mib, "host_memcpy_gb_per_s": rate(lambda: host.copy_(src))}
