@@ -258,6 +258,14 @@ def main(argv: list[str]) -> int:
         sys.path.insert(0, os.getcwd())
     cfg = compose_config(argv, "train")
     OmegaConf.set_struct(cfg, False)
+    if cfg.eval.enabled:
+        from alpagym_ray.commands.pretrain import resolve_device
+
+        try:  # before any pre-training or rollout: a GPU named here must exist
+            resolve_device(str(cfg.eval.device))
+        except (ValueError, RuntimeError) as e:
+            print(f"alpagym-ray train: eval.device: {e}", file=sys.stderr)
+            return 2
     resume_ckpt = None
     if cfg.resume:
         run_dir = Path(cfg.resume)
@@ -327,15 +335,27 @@ def _with_checkpoint(policy: dict, path: str) -> dict:
 
 def evaluate_checkpoint(env: dict, policy: dict, reward: dict, cfg: Any, options: list[dict]) -> dict:
     """Mean held-out episode metrics and return of ``policy`` over ``options`` (``eval.episodes_per_start``
-    episodes each)."""
+    episodes each), on ``eval.device``."""
+    from alpagym_ray.commands.pretrain import resolve_device
+
+    device = resolve_device(str(cfg.eval.get("device", "cpu")))
+    # each start several times (sampling differs): failures are rare events, one episode each is too noisy
+    options = [o for o in options for _ in range(int(cfg.eval.get("episodes_per_start", 1)))]
+    metrics = _evaluate_on(device, env, policy, reward, cfg, options)
+    if device.type == "cuda":  # the driver keeps no cached GPU memory while the actors train
+        import torch
+
+        torch.cuda.empty_cache()
+    return metrics
+
+
+def _evaluate_on(device: Any, env: dict, policy: dict, reward: dict, cfg: Any, options: list[dict]) -> dict:
     from alpagym_ray.evaluate import evaluate
     from alpagym_ray.targets import instantiate
 
-    # each start several times (sampling differs): failures are rare events, one episode each is too noisy
-    options = [o for o in options for _ in range(int(cfg.eval.get("episodes_per_start", 1)))]
-    sim = instantiate(env, num_envs=min(int(cfg.eval.num_envs), len(options)), device="cpu")
+    sim = instantiate(env, num_envs=min(int(cfg.eval.num_envs), len(options)), device=str(device))
     try:
-        pol = instantiate(policy).eval()
+        pol = instantiate(policy).to(device).eval()
         return evaluate(sim, pol, options, reward, deterministic=bool(cfg.eval.deterministic), seed=int(cfg.seed))
     finally:
         if hasattr(sim, "close"):

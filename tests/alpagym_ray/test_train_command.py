@@ -143,3 +143,51 @@ def test_reward_node_names_the_preset_and_a_bad_reward_fails_before_ray(tmp_path
     err = capsys.readouterr().err
     assert rc == 2 and "reward 'comfort' (config group reward), term 4" in err
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _drivesim_eval(tmp_path, *overrides: str):
+    from envs.drivesim.generate import small_scene_set
+
+    small_scene_set(tmp_path / "scenes", n=4, seed=0)
+    cfg = _cfg("policy=trajectory_route", "policy.size=tiny", "policy.num_anchors=16",
+               f"scenes.path={tmp_path / 'scenes'}", "scenes.start_steps=[0]", "scenes.holdout_fraction=0.5",
+               "eval.episodes_per_start=2", *overrides)
+    groups = train.form_groups(to_plain(cfg.env), to_plain(cfg.policy), cfg)
+    return cfg, groups, train.reward_node(cfg, [])
+
+
+def test_held_out_evaluation_runs_on_the_named_device(tmp_path):
+    import torch
+
+    cfg, groups, reward = _drivesim_eval(tmp_path, "eval.device=cpu")
+    policy = to_plain(cfg.policy)
+    metrics = train.evaluate_checkpoint(groups.eval_env, policy, reward, cfg, groups.holdout)
+    assert metrics["episodes"] == 2 * len(groups.holdout) and math.isfinite(metrics["return"])
+    # auto (the default) on a machine without CUDA is the CPU
+    cfg.eval.device = "auto"
+    if not torch.cuda.is_available():
+        again = train.evaluate_checkpoint(groups.eval_env, policy, reward, cfg, groups.holdout)
+        assert again.keys() == metrics.keys() and again["episodes"] == metrics["episodes"]
+
+
+def test_eval_device_without_cuda_is_refused_before_anything_runs(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = cli.main(["train", "env=gym", "eval.device=cuda", f"run_dir={tmp_path / 'run'}", *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and "eval.device: device='cuda' but no CUDA device is available" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.gpu
+def test_held_out_evaluation_on_the_gpu(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    cfg, groups, reward = _drivesim_eval(tmp_path, "eval.device=cuda")
+    metrics = train.evaluate_checkpoint(groups.eval_env, to_plain(cfg.policy), reward, cfg, groups.holdout)
+    assert metrics["episodes"] == 2 * len(groups.holdout) and math.isfinite(metrics["return"])
+    assert torch.cuda.memory_allocated() == 0  # nothing of the evaluation stays on the GPU
