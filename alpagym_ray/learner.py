@@ -477,19 +477,28 @@ class Publisher:
         t0 = time.perf_counter()
         out: dict[str, float] = {}
         if self.sender is not None:
-            info = self.sender.publish(version, flatten_params(self.policy, out=self.flat))
+            flat = flatten_params(self.policy, out=self.flat)
+            t_flat = time.perf_counter()
+            info = self.sender.publish(version, flat)
             out["publish_collective"] = float(bool(info.get("collective")))
             if info.get("error"):
                 print(f"weights v{version}: collective path failed ({info['error']}); served from the object store",
                       flush=True)
         else:
-            ray.get(self.broadcaster.publish.remote(version, flatten_params(self.policy, out=self.host).numpy()))
+            host = flatten_params(self.policy, out=self.host).numpy()
+            t_flat = time.perf_counter()
+            ray.get(self.broadcaster.publish.remote(version, host))
+        t_sent = time.perf_counter()
         ray.get(self.buffer.on_published.remote(version))
+        t_told = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / "versions.json.tmp"
         tmp.write_text(json.dumps({"highest_published": version, "time": time.time()}))
         tmp.replace(self.run_dir / "versions.json")
-        out["publish_s"] = time.perf_counter() - t0
+        # where a slow publish goes: the device -> host flatten, the broadcaster taking the weights,
+        # the buffer (an actor also serving the rollouts) acknowledging the version
+        out.update(publish_s=time.perf_counter() - t0, publish_flatten_s=t_flat - t0,
+                   publish_send_s=t_sent - t_flat, publish_buffer_s=t_told - t_sent)
         return out
 
     def close(self) -> None:
@@ -501,7 +510,8 @@ def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
     """TensorBoard scalars and the console progress line of one iteration (rank 0)."""
     step = metrics["version"]
     for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "lr", "is_weight_mean",
-              "is_weight_max", "is_ess_fraction", "publish_s", "publish_collective", "learner_s", "data_wait_s",
+              "is_weight_max", "is_ess_fraction", "publish_s", "publish_flatten_s", "publish_send_s", "publish_buffer_s",
+              "publish_collective", "learner_s", "data_wait_s",
               "load_s", "buffer_wait_s", "old_logp_s", "update_s"):
         if k in metrics:
             writer.add_scalar(f"learner/{k}", metrics[k], step)

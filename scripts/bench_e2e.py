@@ -73,9 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
         "learner_data_wait_fraction": statistics.mean(wait_s) / statistics.mean(iter_s),
         "learner_buffer_wait_fraction": statistics.mean(buffer_wait_s) / statistics.mean(iter_s),
         # the learner's time per phase: waiting for the buffer, Arrow -> device tensors, the pi_old /
-        # reference passes, the update, publishing the weights (and telling the buffer)
+        # reference passes, the update, publishing the weights (and telling the buffer); the publish's
+        # parts: flatten (device -> host), send (to the broadcaster), buffer (its acknowledgement)
         "learner_phase_s": {k: statistics.mean(tb[f"learner/{k}_s"][1:])
-                            for k in ("buffer_wait", "load", "old_logp", "update", "publish")
+                            for k in ("buffer_wait", "load", "old_logp", "update", "publish", "publish_flatten",
+                                      "publish_send", "publish_buffer")
                             if f"learner/{k}_s" in tb},
         "rollout_phase_fraction": buffer.get("rollout_phase_fraction", {}),
         "rollout_env_steps_per_s_since_start": buffer.get("rollout_env_steps_per_s"),

@@ -342,9 +342,12 @@ def evaluate_checkpoint(env: dict, policy: dict, reward: dict, cfg: Any, options
     # each start several times (sampling differs): failures are rare events, one episode each is too noisy
     options = [o for o in options for _ in range(int(cfg.eval.get("episodes_per_start", 1)))]
     metrics = _evaluate_on(device, env, policy, reward, cfg, options)
-    if device.type == "cuda":  # the driver keeps no cached GPU memory while the actors train
+    if device.type == "cuda":  # the driver keeps no GPU memory while the actors train
+        import gc
+
         import torch
 
+        gc.collect()  # the env's CUDA graphs and tensors may sit in reference cycles
         torch.cuda.empty_cache()
     return metrics
 

@@ -188,6 +188,10 @@ def test_held_out_evaluation_on_the_gpu(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     cfg, groups, reward = _drivesim_eval(tmp_path, "eval.device=cuda")
+    before = torch.cuda.memory_allocated()
     metrics = train.evaluate_checkpoint(groups.eval_env, to_plain(cfg.policy), reward, cfg, groups.holdout)
     assert metrics["episodes"] == 2 * len(groups.holdout) and math.isfinite(metrics["return"])
-    assert torch.cuda.memory_allocated() == 0  # nothing of the evaluation stays on the GPU
+    # cuBLAS keeps a 32 MiB workspace per stream it ran on (allocated through PyTorch's allocator): the
+    # H100 showed exactly that left over (34,603,008 bytes), so clear them before looking for our tensors
+    getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()  # CUDA builds have it
+    assert torch.cuda.memory_allocated() <= before, "the evaluation left tensors on the GPU"

@@ -33,6 +33,9 @@ def test_bench_e2e_reports_the_learner_phases_and_the_bound(ray_session, tmp_pat
     assert result["iterations_timed"] == 2 and result["env_steps_per_s"] > 0
     phases = result["learner_phase_s"]
     assert {"buffer_wait", "load", "update", "publish"} <= set(phases)
+    # the publish's parts add up to no more than the whole
+    parts = [phases[f"publish_{k}"] for k in ("flatten", "send", "buffer")]
+    assert min(parts) >= 0.0 and sum(parts) <= phases["publish"]
     # the wait for the buffer is part of the learner's data wait (which adds the load)
     wait, buffer_wait = result["learner_data_wait_fraction"], result["learner_buffer_wait_fraction"]
     assert math.isfinite(buffer_wait) and 0.0 <= buffer_wait <= wait <= 1.0
