@@ -299,7 +299,7 @@ def train_loop_per_worker(config: dict) -> None:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     obs_keys, horizon = tuple(policy.obs_keys), int(policy.action_spec.horizon)
     M, epochs = lc["minibatches"], lc["epochs"]
-    pinned = bool(lc.get("pinned_upload", False))  # load through pinned staging (CUDA only)
+    pinned = bool(lc.get("pinned_upload", True))  # load through pinned staging (CUDA only)
 
     def fetch(it: int) -> tuple[dict, list[dict], float, float]:
         """(shard, its minibatches on the device, seconds loading them, seconds waiting for the buffer)."""
@@ -510,9 +510,9 @@ def _log(writer, metrics: dict, stats: dict, it: int, iter_s: float) -> None:
     """TensorBoard scalars and the console progress line of one iteration (rank 0)."""
     step = metrics["version"]
     for k in ("loss", "clip_fraction", "approx_kl", "kl_ref", "entropy", "grad_norm", "lr", "is_weight_mean",
-              "is_weight_max", "is_ess_fraction", "publish_s", "publish_flatten_s", "publish_send_s", "publish_buffer_s",
-              "publish_collective", "learner_s", "data_wait_s",
-              "load_s", "buffer_wait_s", "old_logp_s", "update_s"):
+              "is_weight_max", "is_ess_fraction", "publish_s", "publish_flatten_s", "publish_send_s",
+              "publish_buffer_s", "publish_collective", "learner_s", "data_wait_s", "load_s", "buffer_wait_s",
+              "old_logp_s", "update_s"):
         if k in metrics:
             writer.add_scalar(f"learner/{k}", metrics[k], step)
     for k in ("return_mean", "return_std", "staleness_p50", "staleness_p99", "staleness_max", "buffer_groups",
