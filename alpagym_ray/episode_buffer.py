@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from alpagym_ray.episode_writer import EpisodeWriter
 from alpagym_ray.rollout_worker import GroupMeta, GroupRequest
 
 
@@ -66,6 +66,8 @@ class EpisodeBuffer:
         self.rng = np.random.default_rng(seed)
         self.seed = seed
         self.run_dir = Path(run_dir) if run_dir else None
+        # per-episode Parquet, written by a thread: a write in this event loop blocks the learner and workers
+        self.writer = EpisodeWriter(self.run_dir / "episodes") if self.run_dir is not None else None
         self.max_zero_variance_retries = max_zero_variance_retries
         self.base_version: int | None = None
         self.start_iteration = 0
@@ -217,11 +219,16 @@ class EpisodeBuffer:
             self.held.append(HeldGroup(meta, steps, it, time.time()))
 
     def _write_episodes(self, episodes: pa.RecordBatch | None) -> None:
-        if self.run_dir is None or episodes is None or episodes.num_rows == 0:
-            return
-        out = self.run_dir / "episodes"
-        out.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_batches([episodes]), out / f"{episodes.column('group_id')[0].as_py()}.parquet")
+        if self.writer is not None and episodes is not None:
+            self.writer.write(episodes)
+
+    async def flush_episodes(self, timeout_s: float = 120.0) -> dict:
+        """Wait (off the event loop) until every episode received so far is in its Parquet file; the
+        writer's stats (files, episodes written, the first write error)."""
+        if self.writer is None:
+            return {}
+        await asyncio.to_thread(self.writer.flush, timeout_s)
+        return self.writer.stats()
 
     # ---- consuming -----------------------------------------------------------------------
     async def take_shard(self, iteration: int, rank: int, world_size: int, minibatches: int,
@@ -319,6 +326,7 @@ class EpisodeBuffer:
             "in_flight": len(self.in_flight),
             "rollout_env_steps_per_s": self.env_steps / max(time.time() - self.t_start, 1e-9),
             "rollout_phase_fraction": {k: v / max(sum(self.phase_s.values()), 1e-9) for k, v in self.phase_s.items()},
+            **(self.writer.stats() if self.writer is not None else {}),
         }
 
     def last_errors(self) -> dict:

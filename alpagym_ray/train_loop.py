@@ -171,7 +171,10 @@ def run(spec: RunSpec) -> dict:
     t0 = time.time()
     broadcaster, workers, buffer = start_actors(spec)
     result = fit(spec, broadcaster, buffer)
+    ray.get(buffer.flush_episodes.remote())  # every episode received is on disk before the actors go
     stats = ray.get(buffer.stats.remote())
+    if stats.get("episode_write_error"):
+        print(f"warning: episode Parquet files: {stats['episode_write_error']}", flush=True)
     summary = {
         "run_dir": str(run_dir), "iterations": spec.iterations, "wall_s": time.time() - t0,
         "final_version": ray.get(broadcaster.highest_version.remote()),

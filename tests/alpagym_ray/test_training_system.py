@@ -67,8 +67,13 @@ def test_end_to_end_run_publishes_versions_and_leaves_outputs(ray_session, tmp_p
     assert (Path(summary["checkpoint"]) / "model.safetensors").is_file()
     assert json.loads((run / "versions.json").read_text())["highest_published"] == 2
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
-    episodes = pq.read_table(list((run / "episodes").glob("*.parquet"))[0])
+    episodes = pq.read_table(list((run / "episodes").glob("*.parquet")))
     assert {C.RETURN, C.VERSION_FIRST, "metric.scene_score"} <= set(episodes.column_names)
+    # every episode produced is in a Parquet file or queued for one (written off the buffer's event loop)
+    buffer = summary["buffer"]
+    assert buffer["episode_write_error"] is None and buffer["episode_files"] >= 1
+    assert buffer["produced"] == buffer["episodes_written"] + buffer["episodes_queued"]
+    assert episodes.num_rows >= buffer["episodes_written"]  # (a queued one may land before the buffer is killed)
 
 
 def test_collective_weight_transport_runs_end_to_end_over_gloo(ray_session, tmp_path, scenes):
