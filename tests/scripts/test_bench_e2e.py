@@ -1,34 +1,24 @@
 """scripts/bench_e2e.py on a tiny CPU run: the steady-state numbers it reports, and what bounds the run
 judged from the learner's wait for the buffer alone (its data wait also holds its own load)."""
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_e2e.py"
 TINY = ["env=gym", "env.max_steps=8", "env.reset_options=[{},{}]", "policy=trajectory_route", "policy.size=tiny",
         "policy.num_anchors=16", "iterations=3", "learner.group_size=2", "learner.groups_per_iteration=2",
         "topology.num_rollout_workers=1", "topology.envs_per_worker=4", "topology.rollout_cpus=0",
         "topology.learner_cpus=0.5"]
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("bench_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.ray
 @pytest.mark.usefixtures("one_thread")
-def test_bench_e2e_reports_the_learner_phases_and_the_bound(ray_session, tmp_path):
+def test_bench_e2e_reports_the_learner_phases_and_the_bound(ray_session, tmp_path, script):
     out = tmp_path / "e2e.json"
-    result = load().main(["--out", str(out), *TINY])
+    result = script("bench_e2e").main(["--out", str(out), *TINY])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     assert result["iterations_timed"] == 2 and result["env_steps_per_s"] > 0
     phases = result["learner_phase_s"]

@@ -1,28 +1,15 @@
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_load.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
-
 
 @pytest.mark.ray
-def test_bench_load_smoke_on_cpu(ray_session, tmp_path):
+def test_bench_load_smoke_on_cpu(ray_session, tmp_path, script):
     """A few tiny groups on the CPU, both modes and storages: the JSON names every (storage, pinned)
     with its rows, bytes and timings, in the session's Ray cluster (the script leaves it running)."""
     out = tmp_path / "bench_load.json"
-    result = load().main(["--device", "cpu", "--groups", "3", "--rows-per-group", "10", "--group-size", "4",
-                          "--repeats", "1", "--floor-mib", "1", "--out", str(out)])
+    result = script("bench_load").main(["--device", "cpu", "--groups", "3", "--rows-per-group", "10",
+                                        "--group-size", "4", "--repeats", "1", "--floor-mib", "1", "--out", str(out)])
     assert ray_session.is_initialized()
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     loads = {(r["storage"], r["pinned"]): r for r in result["loads"]}

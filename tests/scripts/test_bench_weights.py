@@ -1,20 +1,12 @@
-import importlib.util
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_weights.py"
 
 
-def load():
-    spec = importlib.util.spec_from_file_location("bench_weights", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
-def test_source_sha_names_the_code_not_the_git_state(tmp_path):
+
+def test_source_sha_names_the_code_not_the_git_state(tmp_path, script):
     """Equal trees give equal hashes wherever they live; a changed, added or renamed source file
     changes it; results and caches do not."""
-    m = load()
+    m = script("bench_weights")
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         (root / "learners").mkdir(parents=True)
