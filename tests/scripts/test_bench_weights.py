@@ -1,6 +1,4 @@
-
-
-
+"""scripts/bench_weights.py's source hash: names the code a benchmark measured."""
 
 
 def test_source_sha_names_the_code_not_the_git_state(tmp_path, script):
