@@ -203,7 +203,13 @@ class RolloutWorker:
         while alive.any():
             self._poll_weights()
             if record and alive[0]:
-                frames.append(self.env.render(0))
+                try:
+                    frames.append(self.env.render(0))
+                except Exception as e:  # a video is a nicety: never fail the group for it
+                    print(f"worker {self.worker_id}: no video for v{self.version} ({type(e).__name__}: {e})",
+                          flush=True)
+                    record, frames = False, []
+                    self.last_video_version = self.version  # not tried again by the next call
             clock.lap("other")
             kept, policy_obs = self._stored(obs)
             with torch.no_grad(), autocast(self.precision, self.device):

@@ -175,6 +175,11 @@ def run(spec: RunSpec) -> dict:
     stats = ray.get(buffer.stats.remote())
     if stats.get("episode_write_error"):
         print(f"warning: episode Parquet files: {stats['episode_write_error']}", flush=True)
+    errors = {k: v for k, v in ray.get(buffer.last_errors.remote()).items() if v}
+    if errors:  # failed groups and dead workers were retried; say what went wrong, once, at the end
+        stats["last_errors"] = errors
+        for k, v in errors.items():
+            print(f"warning: {stats['events']} during the run; the last {k} error: {v}", flush=True)
     summary = {
         "run_dir": str(run_dir), "iterations": spec.iterations, "wall_s": time.time() - t0,
         "final_version": ray.get(broadcaster.highest_version.remote()),

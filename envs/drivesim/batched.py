@@ -415,7 +415,10 @@ class DriveSimBatch:
             ego_size=self.st.agent_size[s, 0].cpu().numpy(),
             agent_state=self.agent_state[env, 1:].cpu().numpy(),
             agent_valid=self.agent_valid[env, 1:].cpu().numpy(),
+            # the batch's agent slots (padded to the largest scene, fewest-first selection): sizes and
+            # types per slot, not the scene's own agent list
             agent_size=self.st.agent_size[s, 1:].cpu().numpy(),
+            agent_type=self.st.agent_type[s, 1:].cpu().numpy(),
             view_center=centre,
             px=size or self.cfg.render_size,
             extra_paths={"plan": self.plan[env, :, :2].cpu().numpy(), "log": log},

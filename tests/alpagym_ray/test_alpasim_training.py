@@ -93,6 +93,7 @@ def test_grpo_run_against_our_alpasim_runtime(ray_session, tmp_path, scenes, mon
     assert stats["accounting_ok"] and stats["consumed"] == 2 * 2 * 2
     # the rollout killed mid-episode failed its group, which the buffer requested again
     assert fault.fired and stats["failed_groups"] >= 1 and stats["events"].get("group_failures", 0) >= 1
+    assert stats["last_errors"]["group"]  # what went wrong reaches the summary (and a console warning)
     episodes = pq.read_table(list((Path(summary["run_dir"]) / "episodes").glob("*.parquet"))).to_pydict()
     # 10 in-control ticks at the runtime's 0.2 s control step: 5 decisions per episode
     assert set(episodes[C.NUM_DECISIONS]) == {5}

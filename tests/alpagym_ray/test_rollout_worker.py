@@ -135,3 +135,17 @@ def test_float16_observation_storage_keeps_log_probs_exact(scenes):
     assert torch.equal(on_device["route"][: batch.num_rows], obs["route"])
     with pytest.raises(ValueError, match="obs_storage 'int8' unknown; valid"):
         make_worker(root, obs_storage="int8")
+
+
+def test_a_failing_render_costs_the_video_not_the_groups(scenes, tmp_path, capsys):
+    root, ids = scenes
+    w = make_worker(root, video_every=1, run_dir=str(tmp_path))
+
+    def broken(env=0, size=None):
+        raise ValueError("no frame today")
+
+    w.env.render = broken
+    out = w.run_groups([GroupRequest("gv", 5, {"scene_id": ids[0], "start_step": 0})])
+    assert out[0][0].ok and out[1].num_rows == out[0][0].num_rows  # the group is kept whole
+    assert "worker t0: no video for v7 (ValueError: no frame today)" in capsys.readouterr().out
+    assert not (tmp_path / "videos").exists()

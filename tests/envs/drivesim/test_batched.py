@@ -218,6 +218,19 @@ def test_render_gives_rgb_frames(generated):
     assert frame.std() > 0
 
 
+def test_render_works_for_scenes_with_fewer_agents_than_the_batch(generated):
+    """Agent slots are padded to the largest scene of the batch: every env renders, whatever its
+    scene's own number of agents (a video iteration used to fail every group of such a scene)."""
+    counts = [s.num_agents for s in generated]
+    assert len(set(counts)) > 1, counts  # the fixture mixes scene sizes
+    sim = DriveSimBatch(generated, num_envs=len(generated))
+    obs = sim.reset(options=[{"scene_id": s.scene_id} for s in generated])
+    sim.step(ConstantVelocityPolicy(H).act(obs)[0])
+    for b in range(len(generated)):
+        frame = sim.render(b, size=64)
+        assert frame.shape == (64, 64, 3) and frame.std() > 0
+
+
 def _noisy_replay(obs, gen):
     """The logged future with a little noise: varied plans, collisions and off-road now and then."""
     act = obs["gt_trajectory"][:, :20].clone()
