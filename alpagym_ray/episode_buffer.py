@@ -222,13 +222,11 @@ class EpisodeBuffer:
         if self.writer is not None and episodes is not None:
             self.writer.write(episodes)
 
-    async def flush_episodes(self, timeout_s: float = 120.0) -> dict:
-        """Wait (off the event loop) until every episode received so far is in its Parquet file; the
-        writer's stats (files, episodes written, the first write error)."""
-        if self.writer is None:
-            return {}
-        await asyncio.to_thread(self.writer.flush, timeout_s)
-        return self.writer.stats()
+    async def flush_episodes(self, timeout_s: float = 120.0) -> None:
+        """Wait (off the event loop) until every episode received so far is in its Parquet file (its
+        counts and any write error are in :meth:`stats`)."""
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.flush, timeout_s)
 
     # ---- consuming -----------------------------------------------------------------------
     async def take_shard(self, iteration: int, rank: int, world_size: int, minibatches: int,

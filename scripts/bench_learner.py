@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_policy import random_obs, timed  # noqa: E402
-from bench_weights import machine_meta, write_result  # noqa: E402
+from bench_weights import finish_result, machine_meta  # noqa: E402
 
 from alpagym_ray.learner import grpo_update, log_probs  # noqa: E402
 from alpagym_ray.precision import PRECISIONS, autocast, set_matmul_precision  # noqa: E402
@@ -124,10 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as e:  # noqa: BLE001 -- a compiler failure is a result too; keep the others
                 result["precisions"][f"{name}+compile"] = {"error": f"{type(e).__name__}: {e}"[:500]}
             print(f"{name}+compile", json.dumps(result["precisions"][f"{name}+compile"], indent=1), flush=True)
-    result["meta"] |= machine_meta()  # the load average after the run
-    if args.out:
-        write_result(args.out, result)
-    return result
+    return finish_result(args.out, result)
 
 
 if __name__ == "__main__":

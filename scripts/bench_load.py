@@ -43,7 +43,7 @@ import ray
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_weights import machine_meta, write_result  # noqa: E402
+from bench_weights import finish_result, machine_meta  # noqa: E402
 
 from alpagym_ray import columns as C  # noqa: E402
 from alpagym_ray.learner import _side_stream, _synced, load_groups  # noqa: E402
@@ -199,10 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if started:
             ray.shutdown()
-    result["meta"] |= machine_meta()  # the load average after the run
-    if args.out:
-        write_result(args.out, result)
-    return result
+    return finish_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -72,6 +72,15 @@ def write_result(path: str | os.PathLike, result: dict) -> None:
     Path(path).write_text(json.dumps(result, indent=1))
 
 
+def finish_result(path: str | os.PathLike | None, result: dict) -> dict:
+    """A benchmark's last step: the load average after the run into ``result["meta"]``, the JSON written
+    to ``path`` (if any); returns ``result``."""
+    result["meta"] |= machine_meta()
+    if path:
+        write_result(path, result)
+    return result
+
+
 SOURCE_DIRS = ("alpagym_ray", "learners", "envs", "rewards", "scripts")
 
 
