@@ -244,11 +244,11 @@ def starting_checkpoint(cfg: Any, scenes_path: str | None, run_dir: Path) -> str
 
 
 def main(argv: list[str]) -> int:
+    import ray
     from omegaconf import OmegaConf
 
-    from alpagym_ray import train_loop
+    from alpagym_ray import cuda_mps
     from alpagym_ray.commands.pretrain import compose_config
-    from alpagym_ray.targets import to_plain
 
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -258,6 +258,27 @@ def main(argv: list[str]) -> int:
         sys.path.insert(0, os.getcwd())
     cfg = compose_config(argv, "train")
     OmegaConf.set_struct(cfg, False)
+    try:  # before this process or Ray's touch the GPU: their CUDA contexts then go through the daemon
+        mps = cuda_mps.start(cfg.topology.get("cuda_mps", False),
+                             local_ray=not cfg.topology.get("address") and not ray.is_initialized())
+    except (ValueError, RuntimeError) as e:
+        print(f"alpagym-ray train: {e}", file=sys.stderr)
+        return 2
+    try:
+        return _train(cfg, argv)
+    finally:
+        if mps is not None:  # the run's Ray processes are MPS clients: they go first
+            ray.shutdown()
+            mps.stop()
+
+
+def _train(cfg, argv: list[str]) -> int:
+    """The run of :func:`main` (its config composed, CUDA MPS started if asked for)."""
+    from omegaconf import OmegaConf
+
+    from alpagym_ray import train_loop
+    from alpagym_ray.targets import to_plain
+
     if cfg.eval.enabled:
         from alpagym_ray.commands.pretrain import resolve_device
 
