@@ -33,17 +33,42 @@ def test_why_not_names_what_is_missing(monkeypatch):
     assert "no CUDA device" in cuda_mps.why_not(True, False, "/bin/x")
     assert "not on the PATH" in cuda_mps.why_not(True, True, None)
     assert cuda_mps.why_not(True, True, "/bin/x") is None
-    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", "/somewhere")
-    assert "already set (/somewhere)" in cuda_mps.why_not(True, True, "/bin/x")
+
+
+@pytest.mark.parametrize("mode", ["auto", "true"])
+@pytest.mark.parametrize("local_ray", [True, False])
+def test_a_running_daemon_is_used_as_it_is(tmp_path, monkeypatch, capsys, mode, local_ray):
+    (tmp_path / "control").touch()  # the daemon's control pipe
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    assert cuda_mps.start(mode, local_ray=local_ray) is None
+    assert f"CUDA MPS: using the daemon already running ({tmp_path})" in capsys.readouterr().out
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    monkeypatch.setattr(cuda_mps, "DEFAULT_PIPE", str(tmp_path))  # `nvidia-cuda-mps-control -d` with no env
+    assert cuda_mps.running_daemon() == str(tmp_path)
+    monkeypatch.setattr(cuda_mps, "DEFAULT_PIPE", str(tmp_path / "none"))
+    assert cuda_mps.running_daemon() is None
+
+
+def test_joining_a_running_ray_without_a_daemon(monkeypatch, capsys):
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(cuda_mps, "DEFAULT_PIPE", "/nonexistent/nvidia-mps")
+    assert cuda_mps.start("auto", local_ray=False) is None
+    assert "before `ray start`" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="cuda_mps=true: the run joins a running Ray"):
+        cuda_mps.start(True, local_ray=False)
 
 
 def test_auto_without_what_it_needs_says_why_and_runs_without(monkeypatch, capsys):
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(cuda_mps, "DEFAULT_PIPE", "/nonexistent/nvidia-mps")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert cuda_mps.start("auto", local_ray=True) is None
     assert "CUDA MPS off: no CUDA device is visible" in capsys.readouterr().out
 
 
 def test_true_without_what_it_needs_is_an_error(monkeypatch):
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    monkeypatch.setattr(cuda_mps, "DEFAULT_PIPE", "/nonexistent/nvidia-mps")
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     with pytest.raises(RuntimeError, match="topology.cuda_mps=true: no CUDA device"):
         cuda_mps.start(True, local_ray=True)
@@ -62,6 +87,7 @@ def fake_control(tmp_path, monkeypatch):
     exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(cuda_mps, "DEFAULT_PIPE", str(tmp_path / "no-daemon"))
     for k in cuda_mps.ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
     return log
@@ -104,6 +130,8 @@ def test_a_bad_mode_stops_the_train_command_before_anything_runs(tmp_path, capsy
 def test_the_real_daemon_serves_a_cuda_child(monkeypatch):
     for k in cuda_mps.ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
+    if cuda_mps.running_daemon():
+        pytest.skip("an MPS daemon already runs on this machine")
     daemon = cuda_mps.start(True, local_ray=True)
     try:
         out = subprocess.run([sys.executable, "-c", "import torch; print(float(torch.ones(4, device='cuda').sum()))"],
