@@ -28,6 +28,7 @@ def evaluate(env, policy, options: Sequence[dict], reward_fn=None, deterministic
     if isinstance(reward_fn, Mapping):
         reward_fn = instantiate(reward_fn, metric_aggregations=env.metric_aggregations)
     rows: dict[str, list[float]] = {}
+    returns = np.full(len(options), np.nan)  # per entry of ``options``, in their order (for paired differences)
     gen = torch.Generator(device=getattr(env, "device", "cpu")).manual_seed(seed)
     B = env.num_envs
     for start in range(0, len(options), B):
@@ -49,9 +50,29 @@ def evaluate(env, policy, options: Sequence[dict], reward_fn=None, deterministic
                 if reward_fn is not None:
                     total, _ = reward_fn.episode(info["episode_series"][i])
                     rows.setdefault("return", []).append(float(total))
+                    returns[start + i] = float(total)
             alive &= ~ended
-    out = {k: float(np.nanmean(v)) for k, v in rows.items() if np.isfinite(v).any()}
+    out: dict[str, Any] = {k: float(np.nanmean(v)) for k, v in rows.items() if np.isfinite(v).any()}
     if "return" in rows and len(rows["return"]) > 1:  # the standard error says how far to trust a difference
         out["return_sem"] = float(np.std(rows["return"], ddof=1) / np.sqrt(len(rows["return"])))
     out["episodes"] = len(options)
+    if "return" in rows:
+        out["returns"] = returns.tolist()
     return out
+
+
+def paired_difference(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, float] | None:
+    """The change of the return between two :func:`evaluate` results over the same options and seed.
+
+    Episode ``i`` of both runs starts from the same state with the same seed, so the per-episode
+    differences ``d_i = after_i - before_i`` [n] remove the spread between scenes that dominates each
+    mean's own standard error: ``{"return": mean(d), "return_sem": std(d) / sqrt(n), "episodes": n}``.
+    None when either result lacks per-episode returns or their counts differ."""
+    a, b = after.get("returns"), before.get("returns")
+    if a is None or b is None or len(a) != len(b) or len(a) < 2:
+        return None
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    d = d[np.isfinite(d)]
+    if len(d) < 2:
+        return None
+    return {"return": float(d.mean()), "return_sem": float(d.std(ddof=1) / np.sqrt(len(d))), "episodes": len(d)}

@@ -342,6 +342,13 @@ def _train(cfg, argv: list[str]) -> int:
         after = _with_checkpoint(policy, summary["checkpoint"])
         summary["eval_after"] = evaluate_checkpoint(eval_env, after, reward, cfg, groups.holdout)
         print("held-out after: ", _fmt(summary["eval_after"]), flush=True)
+        from alpagym_ray.evaluate import paired_difference
+
+        delta = paired_difference(summary["eval_before"], summary["eval_after"])
+        if delta is not None:  # same scenes, starts and seed before and after: a paired comparison
+            summary["eval_delta"] = delta
+            print(f"held-out change (paired, same episodes): return {delta['return']:+.3f} "
+                  f"(±{delta['return_sem']:.3f} s.e.)", flush=True)
     train_loop.write_json(run_dir / "summary.json", summary)
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir / 'tensorboard'} --host 127.0.0.1)")
     return 0

@@ -168,6 +168,13 @@ def test_held_out_evaluation_runs_on_the_named_device(tmp_path):
     if not torch.cuda.is_available():
         again = train.evaluate_checkpoint(groups.eval_env, policy, reward, cfg, groups.holdout)
         assert again.keys() == metrics.keys() and again["episodes"] == metrics["episodes"]
+        # per-episode returns, one per held-out episode, averaging to the return; the same episodes
+        # again pair up (not always to exactly zero: float noise can flip one sampled action)
+        from alpagym_ray.evaluate import paired_difference
+
+        assert len(metrics["returns"]) == metrics["episodes"]
+        assert sum(metrics["returns"]) / metrics["episodes"] == pytest.approx(metrics["return"])
+        assert paired_difference(metrics, again)["episodes"] == metrics["episodes"]
 
 
 def test_eval_device_without_cuda_is_refused_before_anything_runs(tmp_path, capsys):
