@@ -136,11 +136,18 @@ def load_groups(entries: list[tuple[Any, Any]], obs_keys, horizon: int, device, 
     # chunked, not combined: each column goes from the object store's shared memory to the device without
     # a combined copy on the host first (that copied every column once more); the pinned staging packs
     # the chunks (one per group) into a few large transfers
-    table = pa.Table.from_batches(ray.get([ref for _, ref in entries]))
-    returns = torch.tensor([m.returns for m, _ in entries], dtype=torch.float32)      # [groups, G]
+    return groups_to_tensors([m for m, _ in entries], ray.get([ref for _, ref in entries]), obs_keys, horizon,
+                             device, algorithm, pinned)
+
+
+def groups_to_tensors(metas: list[Any], batches: list[pa.RecordBatch], obs_keys, horizon: int, device,
+                      algorithm: Algorithm, pinned: bool = False):
+    """:func:`load_groups` once the groups' decision batches are here (``metas[i]`` describes ``batches[i]``)."""
+    table = pa.Table.from_batches(batches)
+    returns = torch.tensor([m.returns for m in metas], dtype=torch.float32)      # [groups, G]
     adv, informative = algorithm.advantages(returns)
     # one advantage per episode id, repeated on its decision rows (looked up in Arrow, not per row in Python)
-    keys = pa.array([f"{m.group_id}/{j}" for m, _ in entries for j in range(returns.shape[1])])
+    keys = pa.array([f"{m.group_id}/{j}" for m in metas for j in range(returns.shape[1])])
     idx = pc.index_in(table.column(C.EPISODE_ID), value_set=keys)
     if idx.null_count:
         raise ValueError(f"load_groups: {idx.null_count} decision rows belong to no episode of their groups")
