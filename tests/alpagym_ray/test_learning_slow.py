@@ -1,19 +1,25 @@
-"""From the pre-trained tiny policy, a short CPU run with a fixed seed raises the held-out return and
-lowers the failure rate (slow: several minutes on 2 cores). The longer recipe is in BENCHMARKS.md.
+"""From the pre-trained tiny policy, a CPU run with a fixed seed raises the held-out return and lowers
+the failure rate: issue 6's acceptance check, which this configuration does not meet yet (slow: about
+16 min on 2 cores; BENCHMARKS.md, session 10).
 
 The run is synchronous (``learner.max_staleness=0``) with one rollout worker, so the fixed seed fixes the
-whole run on one machine and install: two runs there gave identical numbers. Asynchronous runs differ
-from one run to the next by more than this short run's gain. The gain is small against the held-out
-standard error (~0.2 on 144 episodes). This configuration was chosen among three (BENCHMARKS.md,
-session 8). In a fresh install (session 9) the same configuration pre-trained a different starting
-policy and did not pass (held-out return 0.035 -> -0.125): the held-out gain of such a short CPU run
-is not established (BENCHMARKS.md); the summary's ``eval_delta`` is the paired change and its error."""
+whole run on one machine and install. It takes 64 groups x 8 per step for 48 steps: with 16 groups a
+step is mostly the batch's noise, and no such run moved the held-out return beyond its noise. What
+this run does (session 10, through Ray): training return by quarters 0.24, 0.35, 0.44, 0.46; held-out
+off-road 0.087 -> 0.036 and off-road-or-collision 0.148 -> 0.120, but collisions 0.061 -> 0.083 and the
+held-out return -0.069 -> -0.122 (paired -0.053 +- 0.088); the same configuration in one process, with
+other group draws, gave +0.119 +- 0.086. The assertions go from what is established to the open part,
+so a failure says how far learning got."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+
+from alpagym_ray import columns as C
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -23,10 +29,17 @@ def test_grpo_improves_held_out_return_and_failures(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
-    assert main(["train", f"run_dir={run}", "iterations=16", "seed=0", "learner.lr=1e-4", "learner.max_staleness=0",
-                 "learner.groups_per_iteration=16", "topology.num_rollout_workers=1", "video_every=0"]) == 0
+    # 64 groups x 8 per step: with 16 groups a step is mostly the batch's noise (BENCHMARKS.md, session 10);
+    # one worker call of 512 envs per iteration, two torch threads for whichever actor runs (synchronous)
+    assert main(["train", f"run_dir={run}", "iterations=48", "seed=0", "learner.lr=1e-4", "learner.max_staleness=0",
+                 "learner.groups_per_iteration=64", "topology.num_rollout_workers=1", "topology.envs_per_worker=512",
+                 "topology.torch_threads=2", "eval.episodes_per_start=16", "video_every=0"]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    before, after = summary["eval_before"], summary["eval_after"]
-    assert after["return"] > before["return"], f"paired change {summary.get('eval_delta')}"
-    assert after["offroad_or_collision"] < before["offroad_or_collision"]
     assert summary["buffer"]["accounting_ok"]
+    episodes = pq.read_table(run / "episodes")  # every training episode, with the version that acted
+    version, ret = np.asarray(episodes.column(C.VERSION_FIRST)), np.asarray(episodes.column(C.RETURN))
+    assert ret[version >= 36].mean() > ret[version < 12].mean(), "the training return did not rise"
+    before, after = summary["eval_before"], summary["eval_after"]
+    assert after["offroad"] < before["offroad"]
+    assert after["offroad_or_collision"] < before["offroad_or_collision"]
+    assert after["return"] > before["return"], f"held-out return: paired change {summary.get('eval_delta')}"
