@@ -228,6 +228,28 @@ def grpo_update(policy, optimizer, params, mbs: list[dict], global_rows: list[in
     return {k: v / max(n, 1) for k, v in agg.items()}
 
 
+def fill_old_and_reference(policy, reference, mbs: list[dict], micro_batch_rows: int = 4096,
+                           precision: str = "fp32") -> None:
+    """Before :func:`grpo_update`: ``logp_old`` (π_old = the weights at the start of the iteration) of every
+    minibatch but the first, whose comes from its own first pass, and ``logp_ref`` of all when there is
+    a frozen ``reference``."""
+    for m, mb in enumerate(mbs):
+        if m:
+            mb["logp_old"] = log_probs(policy, mb, micro_batch_rows, precision=precision)
+        if reference is not None:
+            mb["logp_ref"] = log_probs(reference, mb, micro_batch_rows, precision=precision)
+
+
+def head_entropy(policy, mb: dict, micro_batch_rows: int = 4096, precision: str = "fp32") -> float:
+    """Mean policy entropy over a minibatch's first ``micro_batch_rows`` rows (NaN for policies without one)."""
+    if not hasattr(policy, "entropy"):
+        return math.nan
+    device = mb["action"].device
+    with torch.no_grad(), autocast(precision, device):
+        head = {k: v[:micro_batch_rows] for k, v in mb["obs"].items()}
+        return float(policy.entropy(head).mean())
+
+
 def log_probs(policy, mb: dict, micro_batch_rows: int = 4096, key: str = "action",
               precision: str = "fp32") -> torch.Tensor:
     """``log π(a|s)`` of every row of a minibatch, in micro-batches, without gradient."""
@@ -330,20 +352,14 @@ def train_loop_per_worker(config: dict) -> None:
             prefetch.submit(it + 1)  # loads while this iteration learns
         t_data = t_load = time.perf_counter()
         micro = int(lc.get("micro_batch_rows", 4096))
-        for m, mb in enumerate(mbs):  # π_old: the weights at the start of the iteration
-            if m:  # the first minibatch's comes from its own first pass (grpo_update)
-                mb["logp_old"] = log_probs(policy, mb, micro, precision=precision)
-            if reference is not None:
-                mb["logp_ref"] = log_probs(reference, mb, micro, precision=precision)
+        fill_old_and_reference(policy, reference, mbs, micro, precision)
         t_old = _synced(device)
         agg = grpo_update(policy, optimizer, params, mbs, shard["global_rows"], algorithm, epochs,
                           lc["max_grad_norm"], world, micro, precision)
         t_update = _synced(device)
         if config.get("write_steps"):
             _write_steps(run_dir, it, rank, shard["minibatches"])
-        with torch.no_grad(), autocast(precision, device):
-            head = {k: v[:micro] for k, v in mbs[0]["obs"].items()}
-            entropy = float(policy.entropy(head).mean()) if hasattr(policy, "entropy") else math.nan
+        entropy = head_entropy(policy, mbs[0], micro, precision)
         version += 1
         metrics = dict(agg)
         metrics.update(iteration=it, version=version, entropy=entropy, lr=optimizer.param_groups[0]["lr"],

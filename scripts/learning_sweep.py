@@ -75,9 +75,21 @@ def run(argv: list[str], train_starts: int = 0, reward_to_go: bool = False) -> d
     from omegaconf import OmegaConf
 
     from alpagym_ray.commands.pretrain import compose_config
-    from alpagym_ray.commands.train import evaluate_checkpoint, form_groups, reward_node, starting_checkpoint
+    from alpagym_ray.commands.train import (
+        evaluate_checkpoint,
+        form_groups,
+        reward_node,
+        starting_checkpoint,
+        with_checkpoint,
+    )
     from alpagym_ray.evaluate import paired_difference
-    from alpagym_ray.learner import build_algorithm, groups_to_tensors, grpo_update, log_probs
+    from alpagym_ray.learner import (
+        build_algorithm,
+        fill_old_and_reference,
+        groups_to_tensors,
+        grpo_update,
+        head_entropy,
+    )
     from alpagym_ray.rollout_worker import GroupRequest, RolloutWorker
     from alpagym_ray.targets import instantiate, to_plain
     from learners.checkpoint import save_checkpoint
@@ -125,21 +137,15 @@ def run(argv: list[str], train_starts: int = 0, reward_to_go: bool = False) -> d
         metas, batches = worker._run(requests)
         t_roll = time.perf_counter()
         per = n_groups // M
-        mbs = [groups_to_tensors(metas[m * per:(m + 1) * per], batches[m * per:(m + 1) * per], obs_keys, horizon,
-                                 "cpu", algorithm) for m in range(M)]
+        parts = [(metas[m * per:(m + 1) * per], batches[m * per:(m + 1) * per]) for m in range(M)]
+        mbs = [groups_to_tensors(ms, bs, obs_keys, horizon, "cpu", algorithm) for ms, bs in parts]
         if reward_to_go:
-            for m, mb in enumerate(mbs):
-                mb["advantage"] = reward_to_go_advantage(metas[m * per:(m + 1) * per], batches[m * per:(m + 1) * per])
-        for m, mb in enumerate(mbs):
-            if m:
-                mb["logp_old"] = log_probs(policy, mb, micro)
-            if reference is not None:
-                mb["logp_ref"] = log_probs(reference, mb, micro)
+            for mb, (ms, bs) in zip(mbs, parts, strict=True):
+                mb["advantage"] = reward_to_go_advantage(ms, bs)
+        fill_old_and_reference(policy, reference, mbs, micro)
         stats = grpo_update(policy, optimizer, params, mbs, [int(mb["action"].shape[0]) for mb in mbs], algorithm,
                             int(lc["epochs"]), float(lc["max_grad_norm"]), 1, micro)
-        with torch.no_grad():
-            head = {k: v[:micro] for k, v in mbs[0]["obs"].items()}
-            stats["entropy"] = float(policy.entropy(head).mean())
+        stats["entropy"] = head_entropy(policy, mbs[0], micro)
         row = {"iteration": it, **_episode_means(metas), **{k: float(v) for k, v in stats.items()},
                "rollout_s": t_roll - t0, "update_s": time.perf_counter() - t_roll}
         history.append(row)
@@ -148,7 +154,7 @@ def run(argv: list[str], train_starts: int = 0, reward_to_go: bool = False) -> d
     ckpt = run_dir / "checkpoint"
     save_checkpoint(policy, ckpt, policy_version=iterations)
     if eval_env is not None:
-        after = dict(policy_node, model={**policy_node.get("model", {}), "path": str(ckpt)})
+        after = with_checkpoint(policy_node, str(ckpt))
         summary["eval_after"] = evaluate_checkpoint(eval_env, after, reward, cfg, groups.holdout)
         summary["eval_delta"] = paired_difference(summary["eval_before"], summary["eval_after"])
     return summary
@@ -172,7 +178,7 @@ def main() -> int:
         print("paired change", summary["eval_delta"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        slim = {k: v for k, v in summary.items()}
+        slim = dict(summary)
         for key in ("eval_before", "eval_after"):
             if key in slim:
                 slim[key] = {k: v for k, v in slim[key].items() if k != "returns"}

@@ -339,7 +339,7 @@ def _train(cfg, argv: list[str]) -> int:
         print("held-out before:", _fmt(summary["eval_before"]), flush=True)
     summary.update(train_loop.run(spec))
     if eval_env is not None and summary.get("checkpoint"):
-        after = _with_checkpoint(policy, summary["checkpoint"])
+        after = with_checkpoint(policy, summary["checkpoint"])
         summary["eval_after"] = evaluate_checkpoint(eval_env, after, reward, cfg, groups.holdout)
         print("held-out after: ", _fmt(summary["eval_after"]), flush=True)
         from alpagym_ray.evaluate import paired_difference
@@ -354,10 +354,10 @@ def _train(cfg, argv: list[str]) -> int:
     return 0
 
 
-def _with_checkpoint(policy: dict, path: str) -> dict:
+def with_checkpoint(policy: dict, path: str) -> dict:
     """The policy node loading ``path`` (inside the ``make_policy`` wrapper when there is one)."""
     if "policy" in policy and policy.get("_target_") == "alpagym_ray.api.make_policy":
-        return {**policy, "policy": _with_checkpoint(policy["policy"], path)}
+        return {**policy, "policy": with_checkpoint(policy["policy"], path)}
     return dict(policy, model={**policy.get("model", {}), "path": path})
 
 
